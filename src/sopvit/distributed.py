@@ -1,0 +1,56 @@
+"""Thin helpers over ``torch.distributed`` shared by the method and the trainer.
+
+Every helper degrades to the single-process answer when no process group is active, so the
+same code runs under ``python`` and under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# Renamed in torch 2.14; older releases (down to our floor, 2.4) only have the old name.
+_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+@torch.no_grad()
+def all_gather_rows(x: torch.Tensor, same_size: bool = False) -> torch.Tensor:
+    """Concatenate ``x`` (n_r, ...) from every rank in rank order -> (sum_r n_r, ...).
+
+    Ranks may hold different row counts (a short last batch): counts are exchanged first and
+    rows padded to the largest count, because the collectives need equal shapes. Callers that
+    know the counts agree pass ``same_size=True`` and save that exchange (and its host sync).
+    """
+    if world_size() == 1:
+        return x
+    if same_size:
+        out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
+        _gather_single(out, x.contiguous())
+        return out
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    counts = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(counts, n)
+    sizes = [int(c.item()) for c in counts]
+    largest = max(sizes)
+    padded = x
+    if x.shape[0] < largest:
+        padded = torch.cat([x, x.new_zeros((largest - x.shape[0], *x.shape[1:]))])
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded.contiguous())
+    return torch.cat([g[:s] for g, s in zip(gathered, sizes)])

@@ -1,0 +1,115 @@
+"""Assignments of embeddings to prototypes and the two SOP cross-entropies.
+
+All log-probabilities are float32 with a floor, never bf16 and never -inf (the reference computed
+``log(p ** -q)`` in bf16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sopvit.sop.prototypes import Prototypes
+
+_FLOOR = torch.finfo(torch.float32).tiny
+
+
+def assign_to_supports(
+    z: torch.Tensor, supports: torch.Tensor, contributions: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """P(z) = softmax(z D^T / tau) Y, batched over tasks.
+
+    z: (N, d) unit-norm embeddings; supports: (T, S, d); contributions: (T, S, P) -> (T, N, P) float32.
+    The similarity matmul runs in the input dtype (bf16 under autocast); softmax and vote in float32.
+    """
+    logits = torch.einsum("nd,tsd->tns", z, supports.to(z.dtype)).float() / temperature
+    return torch.bmm(logits.softmax(dim=-1), contributions.float())
+
+
+def assign(z: torch.Tensor, prototypes: Prototypes, temperature: float) -> torch.Tensor:
+    """Probabilities of ``z`` (..., d) over one task's prototypes -> (..., P) float32, rows sum to 1."""
+    if prototypes.supports.ndim != 2:
+        raise ValueError("assign expects one task's prototypes (supports of shape (S, d))")
+    if z.shape[-1] != prototypes.supports.shape[-1]:
+        raise ValueError(f"z has dim {z.shape[-1]} but the supports have dim {prototypes.supports.shape[-1]}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    flat = z.reshape(-1, z.shape[-1])
+    p = assign_to_supports(flat, prototypes.supports[None], prototypes.contributions[None], temperature)
+    return p[0].reshape(*z.shape[:-1], -1)
+
+
+def safe_log(p: torch.Tensor) -> torch.Tensor:
+    """float32 log with a floor at the smallest normal float32, so it is finite everywhere."""
+    return p.float().clamp_min(_FLOOR).log()
+
+
+def cross_entropy(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """H(q, p) = -sum_j q_j log p_j over the last dim; teacher is a target (no gradient)."""
+    return -(teacher.detach().float() * safe_log(student)).sum(dim=-1)
+
+
+def cross_view_loss(
+    student_probs: Sequence[torch.Tensor], teacher_probs: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """[CLS] loss over every (student crop i, teacher crop j) pair with i != j.
+
+    student_probs: per student crop [global1, global2, local1, ...], each (..., B, P);
+    teacher_probs: per teacher global crop [global1, global2], each (..., B, P).
+    Returns the mean over pairs and over all leading entries (tasks, batch) of H(teacher_j, student_i).
+    """
+    if len(student_probs) == 0 or len(teacher_probs) == 0:
+        raise ValueError("cross_view_loss needs at least one student and one teacher crop")
+    shape = teacher_probs[0].shape
+    for name, probs in (("student", student_probs), ("teacher", teacher_probs)):
+        for i, p in enumerate(probs):
+            if p.shape != shape:
+                raise ValueError(f"{name} crop {i} has shape {tuple(p.shape)}, expected {tuple(shape)}")
+    n_pairs = len(student_probs) * len(teacher_probs) - min(len(student_probs), len(teacher_probs))
+    if n_pairs == 0:
+        raise ValueError("cross_view_loss: one student and one teacher crop of the same view make no pair")
+    # Sum the student log-probabilities once, then remove the same-view term per teacher crop.
+    logs = [safe_log(p) for p in student_probs]
+    total_log = torch.stack(logs).sum(dim=0)
+    total = student_probs[0].new_zeros((), dtype=torch.float32)
+    for j, q in enumerate(teacher_probs):
+        other = total_log - logs[j] if j < len(logs) else total_log
+        total = total - (q.detach().float() * other).sum(dim=-1).mean()
+    return total / n_pairs
+
+
+def masked_token_loss(
+    student_probs: torch.Tensor, teacher_probs: torch.Tensor, image_of_token: torch.Tensor, n_images: int
+) -> torch.Tensor:
+    """SOP-MIM loss from the masked tokens only.
+
+    student_probs, teacher_probs: (M, P) for the M masked tokens of a batch; image_of_token: (M,) image id
+    in [0, n_images). Per image: CE summed over its masked tokens / its masked count; then the mean over
+    all ``n_images`` images (those without a masked token contribute 0).
+    """
+    ce = cross_entropy(teacher_probs, student_probs)  # (M,)
+    counts = torch.bincount(image_of_token, minlength=n_images).clamp_min(1).to(ce.dtype)
+    return (ce / counts[image_of_token]).sum() / max(n_images, 1)
+
+
+def masked_patch_loss(
+    student_probs: torch.Tensor, teacher_probs: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """SOP-MIM loss. student_probs, teacher_probs: (B, L, P); mask: bool (B, L), True = masked.
+
+    CE summed over masked tokens / masked count per image (0 for an image with no masked token),
+    averaged over the B images.
+    """
+    if student_probs.shape != teacher_probs.shape or student_probs.ndim != 3:
+        raise ValueError(
+            f"student and teacher probabilities must both be (B, L, P), got {tuple(student_probs.shape)} "
+            f"and {tuple(teacher_probs.shape)}"
+        )
+    if mask.shape != student_probs.shape[:2] or mask.dtype != torch.bool:
+        raise ValueError(
+            f"mask must be bool of shape {tuple(student_probs.shape[:2])}, "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
+    image_of_token = mask.nonzero()[:, 0]
+    return masked_token_loss(student_probs[mask], teacher_probs[mask], image_of_token, mask.shape[0])

@@ -1,0 +1,202 @@
+"""The SOP objective: prototypes from both memories, [CLS] and SOP-MIM losses, memory updates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sopvit.distributed import rank, world_size
+from sopvit.sop.losses import assign_to_supports, cross_view_loss, masked_token_loss
+from sopvit.sop.memory_bank import MemoryBank
+from sopvit.sop.prototypes import AnchorSelection, build_prototype_tasks
+
+
+@dataclass
+class SOPConfig:
+    """Hyper-parameters of the objective; defaults are the reference code's (METHOD.md)."""
+
+    dim: int = 256
+    cls_bank_size: int = 65536
+    patch_bank_size: int = 8192
+    cls_tasks: int = 4
+    cls_anchors: int = 64
+    cls_k: int = 8
+    cls_keep_fraction: float = 0.5
+    patch_anchors: int = 512
+    patch_k: int = 0
+    patch_keep_fraction: float = 1.0
+    smoothing: float = 0.1
+    student_temp: float = 0.1
+    anchor_selection: AnchorSelection = "uniform"
+    patch_loss_weight: float = 1.0
+    koleo_weight: float = 0.0
+    seed: int = 0
+
+
+def koleo_loss(z: torch.Tensor) -> torch.Tensor:
+    """Kozachenko-Leonenko spreading term on unit-norm rows z (B, d): -mean log(distance to nearest)."""
+    with torch.no_grad():
+        sims = z @ z.T
+        sims.fill_diagonal_(-2.0)
+        nearest = sims.argmax(dim=1)
+    dist = (z - z[nearest]).float().norm(dim=1)
+    return -(dist + 1e-8).log().mean()
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(dim=-1)
+
+
+class SOPObjective(nn.Module):
+    """Loss of one SOP step from student and teacher head outputs (all unit-norm, dim K).
+
+    Holds the [CLS] and patch memories (buffers) and a generator whose state is part of the module
+    state: every rank builds the same prototypes, and a resumed run draws the same anchors.
+    """
+
+    def __init__(self, cfg: SOPConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        cfg = cfg or SOPConfig()
+        if overrides:
+            cfg = SOPConfig(**{**cfg.__dict__, **overrides})
+        self.cfg = cfg
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.cls_bank = MemoryBank(cfg.cls_bank_size, cfg.dim, generator=self.generator)
+        self.patch_bank = MemoryBank(cfg.patch_bank_size, cfg.dim, generator=self.generator)
+        # Fail at construction, not at the first step, on impossible prototype settings.
+        for bank, anchors, k, keep in (
+            (self.cls_bank, cfg.cls_anchors, cfg.cls_k, cfg.cls_keep_fraction),
+            (self.patch_bank, cfg.patch_anchors, cfg.patch_k, cfg.patch_keep_fraction),
+        ):
+            build_prototype_tasks(
+                bank.embeddings[: max(anchors + k, 1)],
+                1,
+                anchors,
+                k,
+                cfg.smoothing,
+                keep,
+                torch.Generator().manual_seed(0),
+                cfg.anchor_selection,
+            )
+
+    def forward(
+        self,
+        student_cls: torch.Tensor,
+        teacher_cls: torch.Tensor,
+        student_patch: torch.Tensor,
+        teacher_patch: torch.Tensor,
+        masks: torch.Tensor,
+        teacher_temp: float,
+        patch_teacher_temp: float | None = None,
+        sample_ids: torch.Tensor | None = None,
+        update_memory: bool = True,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and detached metrics.
+
+        student_cls: (C*B, K) crop-major [global1, global2, local1, ...];
+        teacher_cls: (2B, K) [global1, global2];
+        student_patch, teacher_patch: (2B, L, K); masks: bool (2B, L) of the student's global crops;
+        sample_ids: (B,) data-set index of each image (remembered by the memories).
+        """
+        cfg = self.cfg
+        b = teacher_cls.shape[0] // 2
+        if teacher_cls.shape[0] != 2 * b or student_cls.shape[0] % b or student_cls.shape[0] < 2 * b:
+            raise ValueError(
+                f"expected teacher_cls (2B, K) and student_cls (C*B, K) with C >= 2, got "
+                f"{tuple(teacher_cls.shape)} and {tuple(student_cls.shape)}"
+            )
+        if masks.shape != student_patch.shape[:2] or teacher_patch.shape != student_patch.shape:
+            raise ValueError(
+                f"masks {tuple(masks.shape)}, student_patch {tuple(student_patch.shape)} and teacher_patch "
+                f"{tuple(teacher_patch.shape)} must agree as (2B, L) / (2B, L, K)"
+            )
+        patch_teacher_temp = teacher_temp if patch_teacher_temp is None else patch_teacher_temp
+
+        cls_protos = build_prototype_tasks(
+            self.cls_bank.embeddings,
+            cfg.cls_tasks,
+            cfg.cls_anchors,
+            cfg.cls_k,
+            cfg.smoothing,
+            cfg.cls_keep_fraction,
+            self.generator,
+            cfg.anchor_selection,
+        )
+        patch_protos = build_prototype_tasks(
+            self.patch_bank.embeddings,
+            1,
+            cfg.patch_anchors,
+            cfg.patch_k,
+            cfg.smoothing,
+            cfg.patch_keep_fraction,
+            self.generator,
+            cfg.anchor_selection,
+        )
+
+        with torch.no_grad():
+            t_cls = assign_to_supports(
+                teacher_cls, cls_protos.supports, cls_protos.contributions, teacher_temp
+            )
+        s_cls = assign_to_supports(
+            student_cls, cls_protos.supports, cls_protos.contributions, cfg.student_temp
+        )  # (T, C*B, P)
+        loss_cls = cross_view_loss(s_cls.split(b, dim=1), t_cls.split(b, dim=1))
+
+        # Only masked tokens enter SOP-MIM, so only they are assigned.
+        token_image = masks.nonzero()[:, 0]
+        with torch.no_grad():
+            t_patch = assign_to_supports(
+                teacher_patch[masks], patch_protos.supports, patch_protos.contributions, patch_teacher_temp
+            )[0]
+        s_patch = assign_to_supports(
+            student_patch[masks], patch_protos.supports, patch_protos.contributions, cfg.student_temp
+        )[0]
+        loss_patch = masked_token_loss(s_patch, t_patch, token_image, masks.shape[0])
+
+        loss = loss_cls + cfg.patch_loss_weight * loss_patch
+        metrics = {"loss_cls": loss_cls.detach(), "loss_patch": loss_patch.detach()}
+        if cfg.koleo_weight > 0:
+            koleo = koleo_loss(student_cls[: 2 * b])
+            loss = loss + cfg.koleo_weight * koleo
+            metrics["loss_koleo"] = koleo.detach()
+        metrics["loss"] = loss.detach()
+        metrics.update(self._assignment_metrics(s_cls[:, : 2 * b].detach(), t_cls, b))
+        if update_memory:
+            self.update_memory(teacher_cls, teacher_patch, sample_ids)
+        return loss, metrics
+
+    @staticmethod
+    def _assignment_metrics(s_glob: torch.Tensor, t_glob: torch.Tensor, b: int) -> dict[str, torch.Tensor]:
+        """Collapse diagnostics from (T, 2B, P) student/teacher global assignments."""
+        log_p = torch.log(torch.tensor(float(t_glob.shape[-1])))
+        usage = _entropy(t_glob.mean(dim=1)).mean() / log_p  # 1 = all prototypes used evenly
+        sharpness = _entropy(t_glob).mean() / log_p  # 0 = one-hot teacher targets
+        s_arg, t_arg = s_glob.argmax(-1), t_glob.argmax(-1)
+        agree = (s_arg == t_arg.roll(b, dims=1)).float().mean()  # student view 1 vs teacher view 2, and back
+        return {"proto_entropy": usage, "teacher_entropy": sharpness, "agreement": agree}
+
+    @torch.no_grad()
+    def update_memory(
+        self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor, sample_ids: torch.Tensor | None = None
+    ) -> None:
+        """Enqueue the second global view: its [CLS] keys and one random patch token per image."""
+        b, length = teacher_cls.shape[0] // 2, teacher_patch.shape[1]
+        # Draw tokens for the global batch from the shared generator so that the bank equals the
+        # single-process one fed the concatenated batch (each rank takes its slice).
+        token = torch.randint(length, (b * world_size(),), generator=self.generator)[
+            rank() * b : (rank() + 1) * b
+        ]
+        rows = torch.arange(b, device=teacher_patch.device)
+        self.cls_bank.enqueue(teacher_cls[b:], ids=sample_ids, same_size=True)
+        self.patch_bank.enqueue(
+            teacher_patch[b:][rows, token.to(teacher_patch.device)], ids=sample_ids, same_size=True
+        )
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,119 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sopvit import SOPObjective, cross_view_loss, masked_patch_loss
+from sopvit.sop import SOPConfig, build_prototype_tasks
+from sopvit.sop.losses import assign_to_supports
+
+SMALL = SOPConfig(
+    dim=8, cls_bank_size=64, patch_bank_size=32, cls_tasks=2, cls_anchors=8, cls_k=2, patch_anchors=6, seed=3
+)
+
+
+def _batch(b: int = 3, crops: int = 4, length: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def unit(*shape: int) -> torch.Tensor:
+        return F.normalize(torch.randn(*shape, SMALL.dim, generator=g), dim=-1)
+
+    return {
+        "student_cls": unit(crops * b),
+        "teacher_cls": unit(2 * b),
+        "student_patch": unit(2 * b, length),
+        "teacher_patch": unit(2 * b, length),
+        "masks": torch.rand(2 * b, length, generator=g) < 0.5,
+    }
+
+
+def test_loss_equals_the_composition_of_the_public_functions() -> None:
+    objective = SOPObjective(SMALL)
+    gen = torch.Generator()
+    gen.set_state(objective.generator.get_state())
+    cls_bank, patch_bank = objective.cls_bank.embeddings.clone(), objective.patch_bank.embeddings.clone()
+    batch = _batch()
+    loss, metrics = objective(**batch, teacher_temp=0.04, patch_teacher_temp=0.07)
+
+    c = build_prototype_tasks(cls_bank, 2, 8, 2, 0.1, 0.5, gen)
+    p = build_prototype_tasks(patch_bank, 1, 6, 0, 0.1, 1.0, gen)
+    per_task = []
+    for t in range(2):
+        s = assign_to_supports(batch["student_cls"], c.supports[t : t + 1], c.contributions[t : t + 1], 0.1)[
+            0
+        ]
+        q = assign_to_supports(batch["teacher_cls"], c.supports[t : t + 1], c.contributions[t : t + 1], 0.04)[
+            0
+        ]
+        per_task.append(cross_view_loss(list(s.split(3)), list(q.split(3))))
+    expected_cls = torch.stack(per_task).mean()
+    sp = assign_to_supports(batch["student_patch"].flatten(0, 1), p.supports, p.contributions, 0.1)[0]
+    tp = assign_to_supports(batch["teacher_patch"].flatten(0, 1), p.supports, p.contributions, 0.07)[0]
+    expected_patch = masked_patch_loss(sp.view(6, 5, -1), tp.view(6, 5, -1), batch["masks"])
+
+    torch.testing.assert_close(metrics["loss_cls"], expected_cls)
+    torch.testing.assert_close(metrics["loss_patch"], expected_patch)
+    torch.testing.assert_close(loss, expected_cls + expected_patch)
+    for key in ("proto_entropy", "teacher_entropy", "agreement"):
+        assert 0.0 <= metrics[key].item() <= 1.0
+
+
+def test_memory_gets_second_global_view_after_the_loss() -> None:
+    objective = SOPObjective(SMALL)
+    batch = _batch()
+    gen = torch.Generator()
+    gen.set_state(objective.generator.get_state())
+    build_prototype_tasks(objective.cls_bank.embeddings, 2, 8, 2, 0.1, 0.5, gen)
+    build_prototype_tasks(objective.patch_bank.embeddings, 1, 6, 0, 0.1, 1.0, gen)
+    token = torch.randint(5, (3,), generator=gen)
+    objective(**batch, teacher_temp=0.04, sample_ids=torch.tensor([7, 8, 9]))
+    torch.testing.assert_close(objective.cls_bank.embeddings[:3], batch["teacher_cls"][3:])
+    torch.testing.assert_close(
+        objective.patch_bank.embeddings[:3], batch["teacher_patch"][3:][torch.arange(3), token]
+    )
+    assert objective.cls_bank.sample_ids[:3].tolist() == [7, 8, 9]
+    assert objective.cls_bank.pointer == 3 and objective.patch_bank.pointer == 3
+
+
+def test_gradients_reach_only_student_inputs() -> None:
+    objective = SOPObjective(SMALL)
+    batch = {k: v.requires_grad_() if v.is_floating_point() else v for k, v in _batch().items()}
+    loss, _ = objective(**batch, teacher_temp=0.04)
+    loss.backward()
+    assert batch["student_cls"].grad is not None and batch["student_patch"].grad is not None
+    assert batch["teacher_cls"].grad is None and batch["teacher_patch"].grad is None
+    assert all(not b.requires_grad for b in objective.buffers())
+
+
+def test_state_dict_restores_generator_and_banks() -> None:
+    a = SOPObjective(SMALL)
+    a(**_batch(seed=1), teacher_temp=0.04)
+    b = SOPObjective(SMALL)
+    b.load_state_dict(a.state_dict())
+    la, _ = a(**_batch(seed=2), teacher_temp=0.04)
+    lb, _ = b(**_batch(seed=2), teacher_temp=0.04)
+    assert torch.equal(la, lb)
+    assert torch.equal(a.cls_bank.embeddings, b.cls_bank.embeddings)
+
+
+def test_koleo_term_is_added_when_weighted() -> None:
+    objective = SOPObjective(SMALL, koleo_weight=0.5)
+    loss, metrics = objective(**_batch(), teacher_temp=0.04)
+    torch.testing.assert_close(
+        loss, metrics["loss_cls"] + metrics["loss_patch"] + 0.5 * metrics["loss_koleo"]
+    )
+
+
+def test_impossible_settings_fail_at_construction() -> None:
+    with pytest.raises(ValueError, match="n_anchors"):
+        SOPObjective(SMALL, cls_anchors=100)
+    with pytest.raises(ValueError, match="k must be"):
+        SOPObjective(SMALL, cls_k=60)
+
+
+def test_shape_mismatches_raise() -> None:
+    objective = SOPObjective(SMALL)
+    batch = _batch()
+    with pytest.raises(ValueError, match="teacher_cls"):
+        objective(**(batch | {"teacher_cls": batch["teacher_cls"][:5]}), teacher_temp=0.04)
+    with pytest.raises(ValueError, match="masks"):
+        objective(**(batch | {"masks": batch["masks"][:, :4]}), teacher_temp=0.04)
