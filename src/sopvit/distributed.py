@@ -6,6 +6,9 @@ same code runs under ``python`` and under ``torchrun``.
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 
@@ -54,3 +57,33 @@ def all_gather_rows(x: torch.Tensor, same_size: bool = False) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded.contiguous())
     return torch.cat([g[:s] for g, s in zip(gathered, sizes)])
+
+
+def init_distributed(device_type: str) -> torch.device:
+    """Join the process group described by torchrun's environment, if any; return this rank's device.
+
+    NCCL on GPUs, gloo on CPUs. Without ``WORLD_SIZE`` in the environment this is a no-op.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device(device_type)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_distributed():
+        timeout = timedelta(seconds=int(os.environ.get("SOPVIT_DIST_TIMEOUT", 600)))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return device
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / world_size()

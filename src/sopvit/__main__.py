@@ -1,0 +1,5 @@
+import sys
+
+from sopvit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""Command line: ``sopvit pretrain | demo``. Parses arguments and dispatches; the work is elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from sopvit.config import ConfigError, load_config
+from sopvit.config.pretrain import PretrainConfig
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from sopvit.train.trainer import Trainer
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    row = Trainer(cfg).fit()
+    print({k: round(v, 5) for k, v in row.items()})
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sopvit.demo import run_demo
+
+    run_demo(args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sopvit", description="SOP self-supervised pre-training for ViTs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="pre-train a backbone with SOP")
+    p.add_argument("--config", help="YAML recipe (see configs/pretrain/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=100 data.path=/data")
+    p.set_defaults(func=_pretrain)
+    d = sub.add_parser("demo", help="pre-train on Fashion-MNIST on the CPU and report k-NN before/after")
+    d.add_argument("overrides", nargs="*", help="dotted overrides of the demo recipe")
+    d.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"sopvit: config error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"sopvit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "sopvit: interrupted; resume with the same command (the last checkpoint is kept)", file=sys.stderr
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

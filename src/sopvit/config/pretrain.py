@@ -1,0 +1,175 @@
+"""The typed configuration of ``sopvit pretrain``; YAML recipes in configs/pretrain/ fill it in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sopvit.config.coerce import check
+from sopvit.sop.objective import SOPConfig
+
+DatasetName = Literal["folder", "imagenet", "fashion_mnist", "cifar10", "cifar100"]
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small_patch16_224"
+    patch_size: int | None = None  # None: the architecture's own
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    drop_path_rate: float = 0.1
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_layers: int = 3
+
+    def validate(self) -> None:
+        check(0.0 <= self.drop_path_rate < 1.0, "drop_path_rate", "must be in [0, 1)")
+        check(self.head_hidden_dim > 0, "head_hidden_dim", "must be > 0")
+        check(self.head_bottleneck_dim > 0, "head_bottleneck_dim", "must be > 0")
+        check(self.head_layers >= 1, "head_layers", "must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    dataset: DatasetName = "folder"
+    path: str | None = None  # folder/imagenet: required; others: where to find or download them
+    in_chans: int = 3
+    global_size: int = 224
+    local_size: int = 96
+    n_locals: int = 10
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    mask_ratio: tuple[float, float] = (0.3, 0.3)  # iBOT's mix: (0.1, 0.5) with mask_prob 0.5
+    mask_prob: float = 1.0
+    batched_augment: bool = (
+        False  # augment whole batches of in-memory data as tensors (fast for small images)
+    )
+    num_workers: int = 8
+    limit: int | None = None  # use only the first N images (smoke tests)
+
+    def validate(self) -> None:
+        check(self.in_chans in (1, 3), "in_chans", "must be 1 (grayscale) or 3 (RGB)")
+        check(self.global_size > 0, "global_size", "must be > 0")
+        check(0 < self.local_size <= self.global_size, "local_size", "must be in (0, global_size]")
+        check(self.n_locals >= 0, "n_locals", "must be >= 0")
+        for name in ("global_scale", "local_scale", "mask_ratio"):
+            lo, hi = getattr(self, name)
+            check(0.0 <= lo <= hi <= 1.0, name, f"must be an interval within [0, 1], got ({lo}, {hi})")
+        check(self.global_scale[1] > 0 and self.local_scale[1] > 0, "global_scale", "upper bound must be > 0")
+        check(0.0 <= self.mask_prob <= 1.0, "mask_prob", "must be in [0, 1]")
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(self.limit is None or self.limit > 0, "limit", "must be > 0 or null")
+        check(
+            self.path is not None or self.dataset not in ("folder", "imagenet"),
+            "path",
+            f"is required for dataset '{self.dataset}' (the image folder to pre-train on)",
+        )
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    max_steps: int | None = None  # stop early (smoke tests, benchmarks); schedules still span `epochs`
+    batch_size: int = 64  # per process
+    accum_steps: int = 1
+    lr: float = 5e-4  # for a global batch of 256; scaled linearly
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum: float = 0.996
+    momentum_end: float = 1.0
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 0.0
+    patch_teacher_temp: float | None = None  # None: follow the [CLS] teacher temperature
+    clip_grad: float = 3.0
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False
+    on_nan: Literal["stop", "skip"] = "stop"
+
+    def validate(self) -> None:
+        check(self.epochs > 0, "epochs", "must be > 0")
+        check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be > 0 or null")
+        check(self.batch_size > 0, "batch_size", "must be > 0")
+        check(self.accum_steps >= 1, "accum_steps", "must be >= 1")
+        check(self.lr > 0, "lr", "must be > 0")
+        check(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]")
+        check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+        check(self.weight_decay >= 0 and self.weight_decay_end >= 0, "weight_decay", "must be >= 0")
+        check(
+            0 <= self.momentum <= self.momentum_end <= 1,
+            "momentum",
+            "need 0 <= momentum <= momentum_end <= 1",
+        )
+        for name in ("teacher_temp", "warmup_teacher_temp"):
+            check(getattr(self, name) > 0, name, "must be > 0")
+        check(
+            self.patch_teacher_temp is None or self.patch_teacher_temp > 0,
+            "patch_teacher_temp",
+            "must be > 0",
+        )
+        check(self.clip_grad >= 0, "clip_grad", "must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/pretrain"
+    resume: bool = True  # continue from output_dir/checkpoint.pt when it exists
+    checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
+    log_every: int = 20
+    knn_every: int = 0  # steps between online k-NN evaluations (0: off)
+    knn_dataset: DatasetName | None = None
+    knn_path: str | None = None
+    knn_limit: int | None = 10000
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        check(self.checkpoint_every > 0, "checkpoint_every", "must be > 0")
+        check(self.log_every > 0, "log_every", "must be > 0")
+        check(self.knn_every >= 0, "knn_every", "must be >= 0")
+        check(
+            self.knn_every == 0 or self.knn_dataset is not None,
+            "knn_dataset",
+            "is required when knn_every > 0",
+        )
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sop: SOPConfig = field(default_factory=SOPConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        s = self.sop
+        check(s.dim == self.model.head_bottleneck_dim, "sop.dim", "must equal model.head_bottleneck_dim")
+        for bank, anchors, k, keep in (
+            ("cls", s.cls_anchors, s.cls_k, s.cls_keep_fraction),
+            ("patch", s.patch_anchors, s.patch_k, s.patch_keep_fraction),
+        ):
+            size = getattr(s, f"{bank}_bank_size")
+            check(size > 0, f"sop.{bank}_bank_size", "must be > 0")
+            check(0 < anchors <= size, f"sop.{bank}_anchors", f"must be in [1, sop.{bank}_bank_size={size}]")
+            check(
+                0 <= k < size - anchors + 1, f"sop.{bank}_k", f"must be < {bank}_bank_size - {bank}_anchors"
+            )
+            check(0 < keep <= 1, f"sop.{bank}_keep_fraction", "must be in (0, 1]")
+            check(round(keep * anchors) >= 2, f"sop.{bank}_anchors", "anchors x keep_fraction must keep >= 2")
+        check(s.cls_tasks >= 1, "sop.cls_tasks", "must be >= 1")
+        check(0 <= s.smoothing < 1, "sop.smoothing", "must be in [0, 1)")
+        check(s.student_temp > 0, "sop.student_temp", "must be > 0")
+        check(
+            s.anchor_selection in ("uniform", "low_cv"), "sop.anchor_selection", "must be uniform or low_cv"
+        )
+        check(
+            s.anchor_selection != "low_cv" or s.cls_k >= 2,
+            "sop.cls_k",
+            "low_cv anchor selection needs k >= 2",
+        )

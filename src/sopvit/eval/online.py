@@ -1,0 +1,50 @@
+"""k-NN of a backbone on a labelled data set, for online monitoring and the demo."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from sopvit.config.pretrain import PretrainConfig
+from sopvit.data.datasets import InMemoryDataset, build_dataset
+from sopvit.data.transforms import EvalTransform, MultiCropSpec
+from sopvit.eval.features import extract_cls_features, tensor_batches
+from sopvit.eval.knn import knn_accuracy
+
+
+def _batches(
+    dataset: object, size: int, in_chans: int, batch_size: int
+) -> tuple[Iterator[torch.Tensor], torch.Tensor]:
+    mean, std = MultiCropSpec(in_chans=in_chans).stats
+    if isinstance(dataset, InMemoryDataset):
+        return tensor_batches(dataset.images, batch_size, mean, std, size), dataset.labels
+    ds = cast(Dataset[dict[str, Any]], dataset)
+    loader: DataLoader[dict[str, Any]] = DataLoader(ds, batch_size=batch_size, num_workers=2)
+    labels = torch.tensor([ds[i]["label"] for i in range(len(ds))])  # type: ignore[arg-type]
+    return (b["image"] for b in loader), labels
+
+
+def knn_of_backbone(
+    backbone: nn.Module, cfg: PretrainConfig, device: torch.device, k: int = 20, batch_size: int = 512
+) -> float:
+    """Top-1 (%) of the weighted 20-NN classifier: train split -> test split of ``run.knn_dataset``."""
+    name = cfg.run.knn_dataset
+    if name is None:
+        raise ValueError("run.knn_dataset is not set")
+    size = cfg.data.global_size
+    transform = (
+        None
+        if name in ("fashion_mnist", "cifar10", "cifar100")
+        else EvalTransform(size, in_chans=cfg.data.in_chans)
+    )
+    feats = []
+    for split in ("train", "test"):
+        ds = build_dataset(name, cfg.run.knn_path, split, transform=transform, limit=cfg.run.knn_limit)
+        batches, labels = _batches(ds, size, cfg.data.in_chans, batch_size)
+        feats.append((extract_cls_features(backbone, batches, device), labels))
+    (train_f, train_y), (test_f, test_y) = feats
+    return knn_accuracy(train_f, train_y, test_f, test_y, ks=(k,))[k]

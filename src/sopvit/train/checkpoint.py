@@ -1,0 +1,69 @@
+"""Atomic, versioned training checkpoints.
+
+A checkpoint on disk is always complete: it is written to a temporary file in the same directory,
+flushed to the disk, then renamed over the previous one (rename is atomic on POSIX file systems).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+LATEST = "checkpoint.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message says which file and why."""
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` atomically; on failure the previous file at ``path`` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        reason = err.strerror or str(err)
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {reason}. The previous checkpoint (if any) is intact; "
+            "free disk space or fix the output directory's permissions, then resume."
+        ) from err
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`, checking its format version."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        # Our checkpoints hold plain containers, tensors and numpy RNG state; not arbitrary objects.
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise CheckpointError(f"{path} is not a sopvit training checkpoint (no format_version)")
+    version = state["format_version"]
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {version}; this sopvit reads version {FORMAT_VERSION}"
+        )
+    return state
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    path = Path(run_dir) / LATEST
+    return path if path.is_file() else None

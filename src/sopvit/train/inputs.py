@@ -1,0 +1,163 @@
+"""The stream of multi-crop batches a pre-training run consumes, indexed by micro-batch.
+
+Which images a micro-batch holds and how they are augmented depend only on (seed, micro-batch index,
+image index): not on the number of DataLoader workers, and not on whether the run was resumed. So a
+resumed run sees exactly the batches an uninterrupted one would, and 2 ranks see the two halves of
+the global batch a single process would see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sopvit.config.pretrain import DataConfig
+from sopvit.data.batched import BatchMultiCrop
+from sopvit.data.datasets import InMemoryDataset, build_dataset
+from sopvit.data.masking import BlockMaskGenerator
+from sopvit.data.transforms import MultiCropSpec, MultiCropTransform
+
+
+@dataclass
+class Batch:
+    crops: list[torch.Tensor]  # [global1, global2, local1, ...], each (B, C, s, s)
+    masks: torch.Tensor  # bool (2B, gh, gw): global1 images, then global2 images
+    ids: torch.Tensor  # (B,) data-set index of each image
+    skipped: int  # unreadable files replaced in this batch
+
+
+def _mix(*values: int) -> int:
+    """Deterministic 63-bit seed from integers (a splitmix-style hash; Python's hash() is salted)."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (v + 0x9E3779B97F4A7C15 + (x << 6) + (x >> 2))) & 0xFFFFFFFFFFFFFFFF
+        x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return x >> 1
+
+
+class StepPlan:
+    """Micro-batch m -> this rank's image indices: an epoch-seeded permutation cut into global batches
+    (the incomplete last global batch of an epoch is dropped), rank r taking slice r."""
+
+    def __init__(self, n_images: int, batch_size: int, world: int, rank: int, seed: int) -> None:
+        self.n_images, self.batch_size, self.world, self.rank, self.seed = (
+            n_images,
+            batch_size,
+            world,
+            rank,
+            seed,
+        )
+        self.global_batch = batch_size * world
+        self.steps_per_epoch = n_images // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the data set has {n_images} images, fewer than one global batch "
+                f"({batch_size} per process x {world} processes); lower train.batch_size"
+            )
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, micro_step: int) -> torch.Tensor:
+        epoch, position = divmod(micro_step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._perm = torch.randperm(
+                self.n_images, generator=torch.Generator().manual_seed(_mix(self.seed, epoch))
+            )
+            self._epoch = epoch
+        start = position * self.global_batch + self.rank * self.batch_size
+        return self._perm[start : start + self.batch_size]
+
+
+class _SeededSamples(Dataset[dict[str, Any]]):
+    """Per-sample path: augmentation and masks seeded by (seed, micro-batch, image index)."""
+
+    def __init__(self, dataset: Dataset[dict[str, Any]], masks: BlockMaskGenerator, seed: int) -> None:
+        self.dataset, self.masks, self.seed = dataset, masks, seed
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        micro_step, index = key
+        seed = _mix(self.seed, micro_step, index)
+        # torchvision's v2 transforms draw from the global RNG: fork it so the caller's stream is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            sample = self.dataset[index]
+        sample["masks"] = self.masks.sample(2, torch.Generator().manual_seed(seed ^ 1))
+        return sample
+
+
+def _collate(samples: list[dict[str, Any]]) -> Batch:
+    n_crops = len(samples[0]["image"])
+    return Batch(
+        crops=[torch.stack([s["image"][c] for s in samples]) for c in range(n_crops)],
+        masks=torch.stack([s["masks"] for s in samples], dim=1).flatten(0, 1),
+        ids=torch.tensor([s["index"] for s in samples]),
+        skipped=sum(int(s["skipped"]) for s in samples),
+    )
+
+
+class _PlanSampler:
+    def __init__(self, plan: StepPlan, start: int, stop: int) -> None:
+        self.plan, self.start, self.stop = plan, start, stop
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for m in range(self.start, self.stop):
+            yield [(m, int(i)) for i in self.plan.indices(m)]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class PretrainInputs:
+    """Builds the data set named by the config and serves :class:`Batch` es from any micro-batch on."""
+
+    def __init__(
+        self, cfg: DataConfig, patch_size: int, batch_size: int, world: int, rank: int, seed: int
+    ) -> None:
+        self.cfg = cfg
+        self.spec = MultiCropSpec(
+            global_size=cfg.global_size,
+            local_size=cfg.local_size,
+            n_locals=cfg.n_locals,
+            global_scale=cfg.global_scale,
+            local_scale=cfg.local_scale,
+            in_chans=cfg.in_chans,
+        )
+        grid = cfg.global_size // patch_size
+        self.masks = BlockMaskGenerator((grid, grid), ratio=cfg.mask_ratio, mask_prob=cfg.mask_prob)
+        transform = None if cfg.batched_augment else MultiCropTransform(self.spec)
+        self.dataset = build_dataset(cfg.dataset, cfg.path, "train", transform=transform, limit=cfg.limit)
+        if cfg.batched_augment and not isinstance(self.dataset, InMemoryDataset):
+            raise ValueError(
+                f"data.batched_augment needs an in-memory data set (fashion_mnist, cifar10, cifar100), "
+                f"not '{cfg.dataset}'"
+            )
+        self.plan = StepPlan(len(self.dataset), batch_size, world, rank, seed)  # type: ignore[arg-type]
+        self.seed, self.rank = seed, rank
+
+    def batches(self, start: int, stop: int, device: torch.device) -> Iterator[Batch]:
+        """Micro-batches ``start`` .. ``stop - 1``, augmented on the CPU workers or on ``device``."""
+        if isinstance(self.dataset, InMemoryDataset) and self.cfg.batched_augment:
+            yield from self._batched(start, stop, device)
+            return
+        loader = DataLoader(
+            _SeededSamples(self.dataset, self.masks, self.seed),
+            batch_sampler=_PlanSampler(self.plan, start, stop),
+            num_workers=self.cfg.num_workers,
+            collate_fn=_collate,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+        yield from loader
+
+    def _batched(self, start: int, stop: int, device: torch.device) -> Iterator[Batch]:
+        augment = BatchMultiCrop(self.spec)
+        images = cast(InMemoryDataset, self.dataset).images.to(device)
+        for m in range(start, stop):
+            idx = self.plan.indices(m)
+            gen = torch.Generator().manual_seed(_mix(self.seed, m, self.rank))
+            crops = augment(images[idx.to(device)], gen)
+            masks = self.masks.sample(2 * len(idx), gen)
+            yield Batch(crops=crops, masks=masks, ids=idx, skipped=0)

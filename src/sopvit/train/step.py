@@ -1,0 +1,108 @@
+"""One SOP optimisation step: teacher targets, student outputs, the objective, the update."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sopvit.models import StudentTeacher
+from sopvit.sop import SOPObjective
+from sopvit.train.inputs import Batch
+from sopvit.train.optim import clip_per_parameter
+from sopvit.train.schedules import ScheduleValues
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; the message names the step and the loss term."""
+
+
+@dataclass
+class StepContext:
+    model: StudentTeacher
+    student: nn.Module  # model.student, wrapped in DDP when distributed
+    objective: SOPObjective
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    clip_grad: float
+    on_nan: str  # "stop" | "skip"
+
+    def autocast(self) -> AbstractContextManager[object]:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def _check_finite(step: int, metrics: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first non-finite loss term, or None (one host sync per micro-batch)."""
+    terms = [k for k in metrics if k.startswith("loss")]
+    finite = torch.stack([metrics[k] for k in terms]).isfinite().tolist()
+    bad = [k for k, ok in zip(terms, finite) if not ok and k != "loss"]
+    if all(finite):
+        return None
+    return bad[0] if bad else "loss"
+
+
+def train_step(
+    ctx: StepContext, batches: list[Batch], values: ScheduleValues, step: int
+) -> dict[str, torch.Tensor]:
+    """Accumulate gradients over ``batches`` (micro-batches), then clip, update and move the teacher.
+
+    Returns detached metrics averaged over micro-batches, or ``{"skipped": 1}`` when a non-finite loss
+    made the step skip (``on_nan="skip"``); raises :class:`NonFiniteLossError` with ``on_nan="stop"``.
+    Nothing from a non-finite micro-batch reaches the weights or the memories.
+    """
+    totals: dict[str, torch.Tensor] = {}
+    pending_memory = []
+    for i, batch in enumerate(batches):
+        crops = [c.to(ctx.device, non_blocking=True) for c in batch.crops]
+        masks = batch.masks.to(ctx.device, non_blocking=True)
+        b = crops[0].shape[0]
+        last = i == len(batches) - 1
+        sync = (
+            nullcontext()
+            if last or not isinstance(ctx.student, DistributedDataParallel)
+            else ctx.student.no_sync()
+        )
+        with sync, ctx.autocast():
+            with torch.no_grad():
+                teacher = ctx.model.teacher(torch.cat(crops[:2]))
+            student = ctx.student(crops, [masks[:b], masks[b:]] + [None] * (len(crops) - 2))
+            loss, metrics = ctx.objective(
+                student_cls=torch.cat([s["cls"] for s in student]),
+                teacher_cls=teacher["cls"],
+                student_patch=torch.cat([student[0]["patch"], student[1]["patch"]]),
+                teacher_patch=teacher["patch"],
+                masks=masks.flatten(1),
+                teacher_temp=values.teacher_temp,
+                patch_teacher_temp=values.patch_teacher_temp,
+                sample_ids=batch.ids.to(ctx.device),
+                update_memory=False,
+            )
+            bad = _check_finite(step, metrics)
+            if bad is not None:
+                ctx.optimizer.zero_grad(set_to_none=True)
+                if ctx.on_nan == "skip":
+                    return {"skipped": torch.ones(())}
+                raise NonFiniteLossError(
+                    f"step {step}: {bad} is {metrics[bad].item()} (non-finite). The run stopped before the "
+                    "update; the last checkpoint is intact. Lower train.lr, raise train.warmup_epochs or set "
+                    "train.on_nan=skip."
+                )
+            (loss / len(batches)).backward()
+        pending_memory.append((teacher["cls"].detach(), teacher["patch"].detach(), batch.ids.to(ctx.device)))
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0) + v / len(batches)
+
+    params = [p for p in ctx.model.student.parameters() if p.grad is not None]
+    clip_per_parameter(params, ctx.clip_grad)
+    ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.model.update_teacher(values.momentum)
+    for cls, patch, ids in pending_memory:
+        ctx.objective.update_memory(cls, patch, ids)
+    return totals

@@ -1,0 +1,228 @@
+"""``sopvit pretrain``: build everything from a :class:`PretrainConfig`, then run the loop."""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from itertools import islice
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sopvit import distributed as dist
+from sopvit.config import config_to_dict, save_config
+from sopvit.config.pretrain import PretrainConfig
+from sopvit.models import StudentTeacher
+from sopvit.sop import SOPObjective
+from sopvit.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from sopvit.train.inputs import PretrainInputs
+from sopvit.train.monitor import Monitor
+from sopvit.train.optim import build_optimizer, set_schedule
+from sopvit.train.schedules import Schedules
+from sopvit.train.step import StepContext, train_step
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig) -> None:
+        self.cfg = cfg
+        self.device = dist.init_distributed(resolve_device(cfg.train.device).type)
+        self.world, self.rank = dist.world_size(), dist.rank()
+        torch.manual_seed(cfg.train.seed + self.rank)  # drop-path differs per rank, as with more data
+        m = cfg.model
+        arch_overrides = {
+            k: v
+            for k, v in (
+                ("patch_size", m.patch_size),
+                ("embed_dim", m.embed_dim),
+                ("depth", m.depth),
+                ("num_heads", m.num_heads),
+            )
+            if v is not None
+        }
+        self.model = StudentTeacher.create(
+            m.arch,
+            cfg.data.global_size,
+            cfg.data.in_chans,
+            m.drop_path_rate,
+            m.head_hidden_dim,
+            m.head_bottleneck_dim,
+            m.head_layers,
+            **arch_overrides,
+        ).to(self.device)
+        patch_size = self.model.student.backbone.patch_size
+        self.inputs = PretrainInputs(
+            cfg.data, patch_size, cfg.train.batch_size, self.world, self.rank, cfg.train.seed
+        )
+        self.objective = SOPObjective(cfg.sop).to(self.device)
+        student: nn.Module = self.model.student
+        if self.world > 1:
+            student = DistributedDataParallel(
+                student, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.student = cast(nn.Module, torch.compile(student)) if cfg.train.compile else student
+        self.optimizer = build_optimizer(self.model.student, self.device)
+        t = cfg.train
+        steps_per_epoch = self.inputs.plan.steps_per_epoch // t.accum_steps
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"train.accum_steps={t.accum_steps} exceeds the {self.inputs.plan.steps_per_epoch} "
+                "micro-batches of one epoch"
+            )
+        self.total_steps = t.epochs * steps_per_epoch
+        self.stop_step = min(self.total_steps, t.max_steps or self.total_steps)
+        global_batch = t.batch_size * self.world * t.accum_steps
+        self.schedules = Schedules(
+            total_steps=self.total_steps,
+            lr=t.lr * global_batch / 256,
+            min_lr=t.min_lr,
+            warmup_steps=round(t.warmup_epochs * steps_per_epoch),
+            weight_decay=t.weight_decay,
+            weight_decay_end=t.weight_decay_end,
+            momentum=t.momentum,
+            momentum_end=t.momentum_end,
+            teacher_temp=t.teacher_temp,
+            warmup_teacher_temp=t.warmup_teacher_temp,
+            teacher_temp_warmup_steps=round(t.warmup_teacher_temp_epochs * steps_per_epoch),
+            patch_teacher_temp=t.patch_teacher_temp,
+        )
+        precision = (
+            t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        )
+        self.ctx = StepContext(
+            self.model,
+            self.student,
+            self.objective,
+            self.optimizer,
+            self.device,
+            torch.bfloat16 if precision == "bf16" else None,
+            t.clip_grad,
+            t.on_nan,
+        )
+        self.run_dir = Path(cfg.run.output_dir)
+        self.step = 0
+        self.skipped_files = 0
+        self._prepare_run_dir()
+
+    def _prepare_run_dir(self) -> None:
+        if dist.is_main_process():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        path = latest_checkpoint(self.run_dir)
+        if path is not None and self.cfg.run.resume:
+            self.load(path)
+        if dist.is_main_process():
+            save_config(self.cfg, self.run_dir / "config.yaml")
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "config": config_to_dict(self.cfg),
+            "arch": self.cfg.model.arch,
+            "student": self.model.student.state_dict(),
+            "teacher": self.model.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "objective": self.objective.state_dict(),
+            "skipped_files": self.skipped_files,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+
+    def save(self) -> None:
+        for name, p in self.model.student.named_parameters():
+            if not torch.isfinite(p).all():
+                raise CheckpointError(
+                    f"refusing to checkpoint step {self.step}: student.{name} holds NaN/Inf"
+                )
+        if dist.is_main_process():
+            save_checkpoint(self.state(), self.run_dir / "checkpoint.pt")
+        dist.barrier()
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        if state.get("arch") != self.cfg.model.arch:
+            raise CheckpointError(
+                f"{path} holds a '{state.get('arch')}' run; this config trains "
+                f"'{self.cfg.model.arch}'. Use another run.output_dir or set run.resume=false."
+            )
+        self.model.student.load_state_dict(state["student"])
+        self.model.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.objective.load_state_dict(state["objective"])
+        self.step, self.skipped_files = int(state["step"]), int(state["skipped_files"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def fit(self) -> dict[str, float]:
+        """Train from ``self.step`` to the end (or ``train.max_steps``); returns the last logged row."""
+        cfg, accum = self.cfg, self.cfg.train.accum_steps
+        images_per_step = cfg.train.batch_size * self.world * accum * (2 + cfg.data.n_locals)
+        monitor = Monitor(
+            self.run_dir,
+            self.stop_step,
+            self.step,
+            images_per_step // (2 + cfg.data.n_locals),
+            cfg.run.log_every,
+            dist.is_main_process(),
+            cfg.run.tensorboard,
+            cfg.run.progress,
+        )
+        stream = self.inputs.batches(self.step * accum, self.stop_step * accum, self.device)
+        last: dict[str, float] = {}
+        try:
+            for step in range(self.step, self.stop_step):
+                values = self.schedules.at(step)
+                set_schedule(self.optimizer, values.lr, values.weight_decay)
+                batches = list(islice(stream, accum))
+                self.skipped_files += sum(b.skipped for b in batches)
+                metrics = train_step(self.ctx, batches, values, step)
+                self.step = step + 1
+                row = monitor.update(
+                    self.step,
+                    metrics,
+                    {
+                        "lr": values.lr,
+                        "weight_decay": values.weight_decay,
+                        "momentum": values.momentum,
+                        "teacher_temp": values.teacher_temp,
+                    },
+                )
+                last = row or last
+                if self.step % cfg.run.checkpoint_every == 0 or self.step == self.stop_step:
+                    self.save()
+                if cfg.run.knn_every and self.step % cfg.run.knn_every == 0:
+                    monitor.write(self.step, self.online_knn())
+        finally:
+            monitor.close()
+            if self.skipped_files:
+                warnings.warn(
+                    f"{self.skipped_files} unreadable image file(s) were skipped during training",
+                    stacklevel=2,
+                )
+        return last
+
+    def online_knn(self) -> dict[str, float]:
+        from sopvit.eval.online import knn_of_backbone
+
+        acc = knn_of_backbone(self.model.teacher.backbone, self.cfg, self.device)
+        return {"knn_top1": acc} if math.isfinite(acc) else {}

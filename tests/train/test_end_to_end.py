@@ -1,0 +1,161 @@
+"""Tiny pre-training runs on CPU: train, resume exactly, evaluate; bad inputs and NaNs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sopvit.cli import main
+from sopvit.config.pretrain import PretrainConfig
+from sopvit.eval.online import knn_of_backbone
+from sopvit.train.checkpoint import CheckpointError, load_checkpoint
+from sopvit.train.step import NonFiniteLossError
+from sopvit.train.trainer import Trainer
+from tests.train.tiny import tiny_config
+
+
+def _final_state(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "checkpoint.pt")
+
+
+def _assert_equal(a: object, b: object, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where} keys differ"
+        for key in a:
+            _assert_equal(a[key], b[key], f"{where}.{key}")
+    else:
+        assert a == b, f"{where} differs"
+
+
+def _assert_same_run(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for part in ("student", "teacher", "objective", "optimizer"):
+        _assert_equal(a[part], b[part], part)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path, batched: bool) -> None:
+    flag = f"data.batched_augment={str(batched).lower()}"
+    Trainer(tiny_config(tmp_path / "straight", flag, "train.max_steps=7")).fit()
+    Trainer(tiny_config(tmp_path / "resumed", flag, "train.max_steps=4")).fit()
+    resumed = Trainer(tiny_config(tmp_path / "resumed", flag, "train.max_steps=7"))
+    assert resumed.step == 4
+    resumed.fit()
+    _assert_same_run(_final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed"))
+
+
+def test_pretrain_then_knn_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.train.tiny import TINY
+
+    assert main(["pretrain", *TINY, f"run.output_dir={tmp_path}", "train.max_steps=4"]) == 0
+    run = tmp_path
+    assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
+    state = _final_state(run)
+    assert state["step"] == 4
+    assert state["objective"]["cls_bank._extra_state"]["pointer"] == (4 * 16) % 64
+    trainer = Trainer(
+        tiny_config(run, "train.max_steps=4", "run.knn_dataset=fashion_mnist", "run.knn_limit=200")
+    )
+    assert trainer.step == 4  # auto-resumed, nothing left to do
+    acc = knn_of_backbone(trainer.model.teacher.backbone, trainer.cfg, trainer.device)
+    assert 10.0 < acc <= 100.0
+
+
+def test_online_knn_is_logged(tmp_path: Path) -> None:
+    cfg = tiny_config(
+        tmp_path, "train.max_steps=2", "run.knn_every=2", "run.knn_dataset=fashion_mnist", "run.knn_limit=100"
+    )
+    Trainer(cfg).fit()
+    assert "knn_top1" in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    Trainer(tiny_config(tmp_path, "train.max_steps=3")).fit()
+    before = _final_state(tmp_path)
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=6"))
+    with torch.no_grad():
+        trainer.model.student.head.mlp[0].weight.fill_(float("nan"))  # type: ignore[index]
+    with pytest.raises(NonFiniteLossError, match=r"step 3: loss_\w+ is nan"):
+        trainer.fit()
+    _assert_same_run(before, _final_state(tmp_path))
+
+
+def test_nan_batch_is_skipped_when_asked_and_never_reaches_memory(tmp_path: Path) -> None:
+    trainer = Trainer(
+        tiny_config(tmp_path, "train.max_steps=4", "train.on_nan=skip", "data.batched_augment=true")
+    )
+    clean = trainer.inputs.batches
+
+    def poisoned(start: int, stop: int, device: torch.device):  # type: ignore[no-untyped-def]
+        for m, batch in enumerate(clean(start, stop, device), start):
+            if m == 1:
+                batch.crops[0][0, 0, 0, 0] = float("nan")
+            yield batch
+
+    trainer.inputs.batches = poisoned  # type: ignore[method-assign]
+    trainer.fit()
+    assert trainer.step == 4
+    assert torch.isfinite(trainer.objective.cls_bank.embeddings).all()
+    assert all(torch.isfinite(p).all() for p in trainer.model.student.parameters())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["skipped_steps"] for r in rows) == 1
+
+
+def test_nan_weights_never_reach_a_checkpoint(tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=2", "train.on_nan=skip"))
+    banks = trainer.objective.cls_bank.embeddings.clone()
+    with torch.no_grad():
+        trainer.model.student.head.mlp[0].weight.fill_(float("nan"))  # type: ignore[index]
+    with pytest.raises(CheckpointError, match="NaN"):
+        trainer.fit()
+    assert torch.equal(trainer.objective.cls_bank.embeddings, banks)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lrr=1", "did you mean 'train.lr'"),
+        ("train.batch_size=0", "train.batch_size: must be > 0"),
+        ("train.lr=-1", "train.lr: must be > 0"),
+        ("sop.cls_k=100", "sop.cls_k"),
+        ("sop.cls_anchors=100", "sop.cls_anchors"),
+        ("data.local_size=32", "data.local_size"),
+        ("train.epochs=abc", "train.epochs"),
+    ],
+)
+def test_config_errors_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, message: str
+) -> None:
+    from tests.train.tiny import TINY
+
+    assert main(["pretrain", *TINY, f"run.output_dir={tmp_path / 'run'}", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_dataset_path_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.train.tiny import TINY
+
+    missing = tmp_path / "nowhere"
+    args = [*TINY, "data.dataset=folder", f"data.path={missing}", f"run.output_dir={tmp_path / 'run'}"]
+    assert main(["pretrain", *args]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_resume_into_a_run_of_another_architecture_is_refused(tmp_path: Path) -> None:
+    Trainer(tiny_config(tmp_path, "train.max_steps=1")).fit()
+    with pytest.raises(Exception, match="vit_test"):
+        Trainer(
+            tiny_config(
+                tmp_path, "model.arch=vit_demo", "model.embed_dim=32", "model.depth=1", "model.num_heads=2"
+            )
+        )
+
+
+def test_default_config_type() -> None:
+    assert isinstance(tiny_config(Path("/tmp/x")), PretrainConfig)

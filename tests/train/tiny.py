@@ -1,0 +1,39 @@
+"""A pre-training config small enough to run a few steps in seconds on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sopvit.config import load_config
+from sopvit.config.pretrain import PretrainConfig
+
+TINY = [
+    "model.arch=vit_test",
+    "model.drop_path_rate=0.0",
+    "model.head_hidden_dim=64",
+    "model.head_bottleneck_dim=32",
+    "data.dataset=fashion_mnist",
+    "data.limit=128",
+    "data.in_chans=1",
+    "data.global_size=16",
+    "data.local_size=8",
+    "data.n_locals=2",
+    "data.num_workers=0",
+    "sop.dim=32",
+    "sop.cls_bank_size=64",
+    "sop.patch_bank_size=48",
+    "sop.cls_anchors=8",
+    "sop.cls_k=2",
+    "sop.patch_anchors=16",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "train.warmup_epochs=0.5",
+    "run.checkpoint_every=3",
+    "run.log_every=2",
+    "run.progress=false",
+    "run.tensorboard=false",
+]
+
+
+def tiny_config(run_dir: Path, *overrides: str) -> PretrainConfig:
+    return load_config(PretrainConfig, None, [*TINY, f"run.output_dir={run_dir}", *overrides])
