@@ -87,3 +87,21 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()
     dist.all_reduce(x)
     return x / world_size()
+
+
+def all_reduce_mean_dict(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Average scalar tensors over ranks in one collective (metrics are logged as global means)."""
+    if world_size() == 1 or not values:
+        return values
+    keys = sorted(values)
+    stacked = all_reduce_mean(torch.stack([values[k].float().reshape(()) for k in keys]))
+    return dict(zip(keys, stacked.unbind()))
+
+
+def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise minimum over ranks (e.g. "is every rank's loss finite?")."""
+    if world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x

@@ -162,3 +162,26 @@ def test_ddp_wrapped_student_single_process() -> None:
             assert all(torch.equal(t[k], s[k]) for k in st.ema_parameter_names())
         finally:
             dist.destroy_process_group()
+
+
+def test_selected_tokens_equal_the_full_head_output_at_those_positions() -> None:
+    torch.manual_seed(0)
+    pair = StudentTeacher.create("vit_test", 16, 1, 0.0, 32, 16)
+    crops = [torch.randn(3, 1, 16, 16), torch.randn(3, 1, 16, 16), torch.randn(3, 1, 8, 8)]
+    select = torch.rand(6, 16) < 0.4
+    full = pair.teacher(torch.cat(crops[:2]))
+    picked = pair.teacher(torch.cat(crops[:2]), select=select)
+    torch.testing.assert_close(picked["patch"], full["patch"][select])
+    torch.testing.assert_close(picked["cls"], full["cls"])
+    per_crop = pair.teacher(crops, select=[select[:3], select[3:], None])
+    torch.testing.assert_close(per_crop[1]["patch"], full["patch"][3:][select[3:]])
+    assert per_crop[2]["patch"].shape == (0, 16)
+
+
+def test_explicit_and_fused_attention_agree() -> None:
+    torch.manual_seed(0)
+    pair = StudentTeacher.create("vit_test", 16, 1, 0.0, 32, 16)
+    x = torch.randn(2, 1, 16, 16)
+    fused = pair.teacher(x)["cls"]
+    pair.teacher.backbone.set_fused_attention(False)
+    torch.testing.assert_close(pair.teacher(x)["cls"], fused, atol=1e-5, rtol=1e-5)

@@ -31,12 +31,16 @@ def tensor_batches(
 
 @torch.inference_mode()
 def extract_cls_features(
-    backbone: nn.Module, batches: Iterable[torch.Tensor], device: torch.device
+    backbone: nn.Module, batches: Iterable[torch.Tensor], device: torch.device, bf16: bool | None = None
 ) -> torch.Tensor:
-    """(N, D) float32 unit-norm [CLS] features of every image in ``batches`` (bf16 compute on CUDA)."""
+    """(N, D) float32 unit-norm [CLS] features of every image in ``batches``.
+
+    ``bf16`` computes under bfloat16 autocast (default: on CUDA only; CPUs with AMX gain ~3x too).
+    """
     was_training = backbone.training
     backbone.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     out = []
     with autocast:
         for x in batches:

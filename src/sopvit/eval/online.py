@@ -45,6 +45,7 @@ def knn_of_backbone(
     for split in ("train", "test"):
         ds = build_dataset(name, cfg.run.knn_path, split, transform=transform, limit=cfg.run.knn_limit)
         batches, labels = _batches(ds, size, cfg.data.in_chans, batch_size)
-        feats.append((extract_cls_features(backbone, batches, device), labels))
+        bf16 = cfg.train.precision == "bf16" or device.type == "cuda"
+        feats.append((extract_cls_features(backbone, batches, device, bf16), labels))
     (train_f, train_y), (test_f, test_y) = feats
     return knn_accuracy(train_f, train_y, test_f, test_y, ks=(k,))[k]

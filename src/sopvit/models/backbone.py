@@ -269,6 +269,16 @@ class Backbone(nn.Module):
         self.grad_checkpointing = enable
         self._timm.set_grad_checkpointing(enable)
 
+    def set_fused_attention(self, enable: bool) -> None:
+        """Choose timm's fused SDPA kernel or explicit softmax(QK^T)V attention.
+
+        On CPUs the explicit form trains faster for the short token sequences of small images (measured:
+        about 2x for the Fashion-MNIST demo step in bf16), so the trainer turns fusion off there.
+        """
+        for module in self.model.modules():
+            if hasattr(module, "fused_attn"):
+                setattr(module, "fused_attn", enable)  # noqa: B010 (typed as Module | Tensor)
+
     def no_weight_decay_keys(self) -> set[str]:
         """Parameter names (relative to this module) conventionally excluded from weight decay."""
         keys = {"mask_token"}

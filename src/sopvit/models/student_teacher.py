@@ -32,14 +32,21 @@ class Encoder(nn.Module):
         self.head = head
 
     @overload
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]: ...
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, select: Tensor | None = None
+    ) -> dict[str, Tensor]: ...
 
     @overload
     def forward(
-        self, x: Sequence[Tensor], mask: Sequence[Tensor | None] | None = None
+        self,
+        x: Sequence[Tensor],
+        mask: Sequence[Tensor | None] | None = None,
+        select: Sequence[Tensor | None] | None = None,
     ) -> list[dict[str, Tensor]]: ...
 
-    def forward(self, x: Any, mask: Any = None) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    def forward(
+        self, x: Any, mask: Any = None, select: Any = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Encode a batch, or a list of multi-crop batches in one call (one DDP forward per step).
 
         Args:
@@ -47,45 +54,75 @@ class Encoder(nn.Module):
                 batches of equal resolution are concatenated and run together.
             mask: bool (B, gh, gw) with ``(gh, gw) = backbone.grid_size((H, W))``, or a list aligned with
                 ``x`` whose entries may be ``None`` (no masking for that crop).
+            select: which patch tokens go through the head, bool (B, L) (or a list aligned with ``x``;
+                ``None`` entries select no token). Without it every token does. The head costs as much as
+                a few blocks per token, and SOP only needs the masked tokens, so training selects them.
 
         Returns:
             dict (a list of dicts for list input) with
             ``cls``: (B, K) unit-norm head output of [CLS]; ``patch``: (B, L, K) unit-norm head outputs of the
-            patch tokens; ``cls_feat``: (B, D) backbone [CLS]; ``patch_feat``: (B, L, D) backbone patches.
+            patch tokens, or (M, K) for the M selected tokens (row-major order); ``cls_feat``: (B, D)
+            backbone [CLS]; ``patch_feat``: (B, L, D) backbone patches.
         """
         if isinstance(x, Tensor):
             if mask is not None and not isinstance(mask, Tensor):
                 raise TypeError(f"mask must be a Tensor or None for tensor input, got {type(mask).__name__}")
-            return self._forward_batch(x, mask)
-        return self._forward_crops(list(x), mask)
+            return self._forward_batch(x, mask, select)
+        return self._forward_crops(list(x), mask, select)
 
-    def _forward_batch(self, x: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
+    def _forward_batch(
+        self, x: Tensor, mask: Tensor | None, select: Tensor | None = None
+    ) -> dict[str, Tensor]:
         feats = self.backbone(x, mask)
-        tokens = torch.cat([feats["cls"].unsqueeze(1), feats["patch"]], dim=1)
-        z = self.head(tokens)
-        return {"cls": z[:, 0], "patch": z[:, 1:], "cls_feat": feats["cls"], "patch_feat": feats["patch"]}
+        cls_feat, patch_feat = feats["cls"], feats["patch"]
+        if select is None:
+            z = self.head(torch.cat([cls_feat.unsqueeze(1), patch_feat], dim=1))
+            return {"cls": z[:, 0], "patch": z[:, 1:], "cls_feat": cls_feat, "patch_feat": patch_feat}
+        select = select.reshape(patch_feat.shape[:2])
+        z = self.head(torch.cat([cls_feat, patch_feat[select]]))
+        n = cls_feat.shape[0]
+        return {"cls": z[:n], "patch": z[n:], "cls_feat": cls_feat, "patch_feat": patch_feat}
 
     def _forward_crops(
-        self, crops: list[Tensor], masks: Sequence[Tensor | None] | None
+        self,
+        crops: list[Tensor],
+        masks: Sequence[Tensor | None] | None,
+        select: Sequence[Tensor | None] | None = None,
     ) -> list[dict[str, Tensor]]:
         if not crops or not all(isinstance(c, Tensor) and c.ndim == 4 for c in crops):
             raise ValueError("x must be a non-empty sequence of (B, C, H, W) tensors")
         mask_list: list[Tensor | None] = [None] * len(crops) if masks is None else list(masks)
         if len(mask_list) != len(crops):
             raise ValueError(f"mask has {len(mask_list)} entries for {len(crops)} crops")
+        if select is not None and len(select) != len(crops):
+            raise ValueError(f"select has {len(select)} entries for {len(crops)} crops")
         outputs: list[dict[str, Tensor]] = []
         start = 0
         while start < len(crops):
             end = start + 1
             while end < len(crops) and crops[end].shape[1:] == crops[start].shape[1:]:
                 end += 1
-            mask = self._group_mask(crops[start:end], mask_list[start:end])
-            out = self._forward_batch(torch.cat(crops[start:end]), mask)
-            sizes = [c.shape[0] for c in crops[start:end]]
-            chunks = {k: v.split(sizes) for k, v in out.items()}
+            group = crops[start:end]
+            mask = self._group_mask(group, mask_list[start:end])
+            sizes = [c.shape[0] for c in group]
+            if select is None:
+                out = self._forward_batch(torch.cat(group), mask)
+                chunks = {k: v.split(sizes) for k, v in out.items()}
+            else:
+                chosen = [self._crop_select(c, s) for c, s in zip(group, select[start:end])]
+                out = self._forward_batch(torch.cat(group), mask, torch.cat(chosen))
+                token_counts = [int(s.sum()) for s in chosen]
+                chunks = {k: v.split(token_counts if k == "patch" else sizes) for k, v in out.items()}
             outputs.extend({k: chunks[k][i] for k in chunks} for i in range(len(sizes)))
             start = end
         return outputs
+
+    def _crop_select(self, crop: Tensor, select: Tensor | None) -> Tensor:
+        """(B, L) token selection of one crop; ``None`` selects nothing."""
+        if select is not None:
+            return select.reshape(crop.shape[0], -1)
+        grid = self.backbone.grid_size((crop.shape[-2], crop.shape[-1]))
+        return torch.zeros(crop.shape[0], grid[0] * grid[1], dtype=torch.bool, device=crop.device)
 
     def _group_mask(self, crops: list[Tensor], masks: list[Tensor | None]) -> Tensor | None:
         """Concatenated (sum B, gh, gw) mask of equal-resolution crops; unmasked crops get all-False."""

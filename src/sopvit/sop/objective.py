@@ -64,6 +64,7 @@ class SOPObjective(nn.Module):
             cfg = SOPConfig(**{**cfg.__dict__, **overrides})
         self.cfg = cfg
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.token_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.cls_bank = MemoryBank(cfg.cls_bank_size, cfg.dim, generator=self.generator)
         self.patch_bank = MemoryBank(cfg.patch_bank_size, cfg.dim, generator=self.generator)
         # Fail at construction, not at the first step, on impossible prototype settings.
@@ -94,27 +95,70 @@ class SOPObjective(nn.Module):
         sample_ids: torch.Tensor | None = None,
         update_memory: bool = True,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and detached metrics.
+        """Total loss and detached metrics, then (by default) the memory update.
 
         student_cls: (C*B, K) crop-major [global1, global2, local1, ...];
         teacher_cls: (2B, K) [global1, global2];
         student_patch, teacher_patch: (2B, L, K); masks: bool (2B, L) of the student's global crops;
         sample_ids: (B,) data-set index of each image (remembered by the memories).
         """
-        cfg = self.cfg
-        b = teacher_cls.shape[0] // 2
-        if teacher_cls.shape[0] != 2 * b or student_cls.shape[0] % b or student_cls.shape[0] < 2 * b:
-            raise ValueError(
-                f"expected teacher_cls (2B, K) and student_cls (C*B, K) with C >= 2, got "
-                f"{tuple(teacher_cls.shape)} and {tuple(student_cls.shape)}"
-            )
         if masks.shape != student_patch.shape[:2] or teacher_patch.shape != student_patch.shape:
             raise ValueError(
                 f"masks {tuple(masks.shape)}, student_patch {tuple(student_patch.shape)} and teacher_patch "
                 f"{tuple(teacher_patch.shape)} must agree as (2B, L) / (2B, L, K)"
             )
-        patch_teacher_temp = teacher_temp if patch_teacher_temp is None else patch_teacher_temp
+        b = teacher_cls.shape[0] // 2
+        key_token = self.memory_tokens(b, masks.shape[1]).to(teacher_patch.device)
+        loss, metrics = self.loss(
+            student_cls,
+            teacher_cls,
+            student_patch[masks],
+            teacher_patch[masks],
+            masks.nonzero()[:, 0],
+            masks.shape[0],
+            teacher_temp,
+            patch_teacher_temp,
+        )
+        if update_memory:
+            rows = torch.arange(b, device=teacher_patch.device)
+            self.update_memory(teacher_cls, teacher_patch[b:][rows, key_token], sample_ids)
+        return loss, metrics
 
+    def loss(
+        self,
+        student_cls: torch.Tensor,
+        teacher_cls: torch.Tensor,
+        student_tokens: torch.Tensor,
+        teacher_tokens: torch.Tensor,
+        token_image: torch.Tensor,
+        n_images: int,
+        teacher_temp: float,
+        patch_teacher_temp: float | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss from the masked tokens only (what training computes the head for).
+
+        student_cls: (C*B, K); teacher_cls: (2B, K); student_tokens, teacher_tokens: (M, K) the masked patch
+        tokens of the 2B global images; token_image: (M,) image of each token in [0, n_images = 2B).
+        """
+        cfg = self.cfg
+        b = teacher_cls.shape[0] // 2
+        if (
+            b == 0
+            or teacher_cls.shape[0] != 2 * b
+            or student_cls.shape[0] % b
+            or student_cls.shape[0] < 2 * b
+        ):
+            raise ValueError(
+                f"expected teacher_cls (2B, K) and student_cls (C*B, K) with C >= 2, got "
+                f"{tuple(teacher_cls.shape)} and {tuple(student_cls.shape)}"
+            )
+        if student_tokens.shape != teacher_tokens.shape or token_image.shape != student_tokens.shape[:1]:
+            raise ValueError(
+                f"student_tokens {tuple(student_tokens.shape)}, teacher_tokens "
+                f"{tuple(teacher_tokens.shape)} and token_image {tuple(token_image.shape)} "
+                "must agree as (M, K) / (M,)"
+            )
+        patch_teacher_temp = teacher_temp if patch_teacher_temp is None else patch_teacher_temp
         cls_protos = build_prototype_tasks(
             self.cls_bank.embeddings,
             cfg.cls_tasks,
@@ -135,26 +179,21 @@ class SOPObjective(nn.Module):
             self.generator,
             cfg.anchor_selection,
         )
-
         with torch.no_grad():
             t_cls = assign_to_supports(
                 teacher_cls, cls_protos.supports, cls_protos.contributions, teacher_temp
             )
+            t_patch = assign_to_supports(
+                teacher_tokens, patch_protos.supports, patch_protos.contributions, patch_teacher_temp
+            )[0]
         s_cls = assign_to_supports(
             student_cls, cls_protos.supports, cls_protos.contributions, cfg.student_temp
-        )  # (T, C*B, P)
-        loss_cls = cross_view_loss(s_cls.split(b, dim=1), t_cls.split(b, dim=1))
-
-        # Only masked tokens enter SOP-MIM, so only they are assigned.
-        token_image = masks.nonzero()[:, 0]
-        with torch.no_grad():
-            t_patch = assign_to_supports(
-                teacher_patch[masks], patch_protos.supports, patch_protos.contributions, patch_teacher_temp
-            )[0]
+        )
         s_patch = assign_to_supports(
-            student_patch[masks], patch_protos.supports, patch_protos.contributions, cfg.student_temp
+            student_tokens, patch_protos.supports, patch_protos.contributions, cfg.student_temp
         )[0]
-        loss_patch = masked_token_loss(s_patch, t_patch, token_image, masks.shape[0])
+        loss_cls = cross_view_loss(s_cls.split(b, dim=1), t_cls.split(b, dim=1))
+        loss_patch = masked_token_loss(s_patch, t_patch, token_image, n_images)
 
         loss = loss_cls + cfg.patch_loss_weight * loss_patch
         metrics = {"loss_cls": loss_cls.detach(), "loss_patch": loss_patch.detach()}
@@ -164,8 +203,6 @@ class SOPObjective(nn.Module):
             metrics["loss_koleo"] = koleo.detach()
         metrics["loss"] = loss.detach()
         metrics.update(self._assignment_metrics(s_cls[:, : 2 * b].detach(), t_cls, b))
-        if update_memory:
-            self.update_memory(teacher_cls, teacher_patch, sample_ids)
         return loss, metrics
 
     @staticmethod
@@ -178,25 +215,30 @@ class SOPObjective(nn.Module):
         agree = (s_arg == t_arg.roll(b, dims=1)).float().mean()  # student view 1 vs teacher view 2, and back
         return {"proto_entropy": usage, "teacher_entropy": sharpness, "agreement": agree}
 
+    def memory_tokens(self, b: int, length: int) -> torch.Tensor:
+        """(B,) the patch token of each image's second global view that goes to the patch memory.
+
+        Drawn for the global batch from a generator shared by all ranks, each rank taking its slice, so
+        that the memory equals the single-process one fed the concatenated batch.
+        """
+        tokens = torch.randint(length, (b * world_size(),), generator=self.token_generator)
+        return tokens[rank() * b : (rank() + 1) * b]
+
     @torch.no_grad()
     def update_memory(
-        self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor, sample_ids: torch.Tensor | None = None
+        self,
+        teacher_cls: torch.Tensor,
+        teacher_patch_keys: torch.Tensor,
+        sample_ids: torch.Tensor | None = None,
     ) -> None:
-        """Enqueue the second global view: its [CLS] keys and one random patch token per image."""
-        b, length = teacher_cls.shape[0] // 2, teacher_patch.shape[1]
-        # Draw tokens for the global batch from the shared generator so that the bank equals the
-        # single-process one fed the concatenated batch (each rank takes its slice).
-        token = torch.randint(length, (b * world_size(),), generator=self.generator)[
-            rank() * b : (rank() + 1) * b
-        ]
-        rows = torch.arange(b, device=teacher_patch.device)
+        """Enqueue the second global view: last B rows of teacher_cls (2B, K); teacher_patch_keys (B, K)."""
+        b = teacher_cls.shape[0] // 2
         self.cls_bank.enqueue(teacher_cls[b:], ids=sample_ids, same_size=True)
-        self.patch_bank.enqueue(
-            teacher_patch[b:][rows, token.to(teacher_patch.device)], ids=sample_ids, same_size=True
-        )
+        self.patch_bank.enqueue(teacher_patch_keys, ids=sample_ids, same_size=True)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "token_generator": self.token_generator.get_state()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        self.token_generator.set_state(state["token_generator"])

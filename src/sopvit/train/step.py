@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from sopvit.distributed import all_reduce_min
 from sopvit.models import StudentTeacher
 from sopvit.sop import SOPObjective
 from sopvit.train.inputs import Batch
@@ -37,10 +38,14 @@ class StepContext:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
-def _check_finite(step: int, metrics: dict[str, torch.Tensor]) -> str | None:
-    """Name of the first non-finite loss term, or None (one host sync per micro-batch)."""
+def _check_finite(metrics: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first loss term that is non-finite on any rank, or None.
+
+    Every rank must agree to skip or stop: a rank that skips its backward would leave the others waiting
+    in DDP's all-reduce. Costs one host sync per micro-batch.
+    """
     terms = [k for k in metrics if k.startswith("loss")]
-    finite = torch.stack([metrics[k] for k in terms]).isfinite().tolist()
+    finite = all_reduce_min(torch.stack([metrics[k] for k in terms]).isfinite().int()).tolist()
     bad = [k for k, ok in zip(terms, finite) if not ok and k != "loss"]
     if all(finite):
         return None
@@ -60,7 +65,7 @@ def train_step(
     pending_memory = []
     for i, batch in enumerate(batches):
         crops = [c.to(ctx.device, non_blocking=True) for c in batch.crops]
-        masks = batch.masks.to(ctx.device, non_blocking=True)
+        masks = batch.masks.to(ctx.device, non_blocking=True).flatten(1)  # (2B, L)
         b = crops[0].shape[0]
         last = i == len(batches) - 1
         sync = (
@@ -68,33 +73,41 @@ def train_step(
             if last or not isinstance(ctx.student, DistributedDataParallel)
             else ctx.student.no_sync()
         )
+        # Only masked tokens (student and teacher) and one memory key per image (teacher) need the head.
+        keys = torch.zeros_like(masks)
+        keys[torch.arange(b, 2 * b), ctx.objective.memory_tokens(b, masks.shape[1]).to(ctx.device)] = True
+        teacher_select = masks | keys
         with sync, ctx.autocast():
             with torch.no_grad():
-                teacher = ctx.model.teacher(torch.cat(crops[:2]))
-            student = ctx.student(crops, [masks[:b], masks[b:]] + [None] * (len(crops) - 2))
-            loss, metrics = ctx.objective(
+                teacher = ctx.model.teacher(torch.cat(crops[:2]), select=teacher_select)
+            student = ctx.student(
+                crops,
+                [masks[:b], masks[b:]] + [None] * (len(crops) - 2),
+                select=[masks[:b], masks[b:]] + [None] * (len(crops) - 2),
+            )
+            loss, metrics = ctx.objective.loss(
                 student_cls=torch.cat([s["cls"] for s in student]),
                 teacher_cls=teacher["cls"],
-                student_patch=torch.cat([student[0]["patch"], student[1]["patch"]]),
-                teacher_patch=teacher["patch"],
-                masks=masks.flatten(1),
+                student_tokens=torch.cat([student[0]["patch"], student[1]["patch"]]),
+                teacher_tokens=teacher["patch"][masks[teacher_select]],
+                token_image=masks.nonzero()[:, 0],
+                n_images=2 * b,
                 teacher_temp=values.teacher_temp,
                 patch_teacher_temp=values.patch_teacher_temp,
-                sample_ids=batch.ids.to(ctx.device),
-                update_memory=False,
             )
-            bad = _check_finite(step, metrics)
+            bad = _check_finite(metrics)
             if bad is not None:
                 ctx.optimizer.zero_grad(set_to_none=True)
                 if ctx.on_nan == "skip":
                     return {"skipped": torch.ones(())}
                 raise NonFiniteLossError(
-                    f"step {step}: {bad} is {metrics[bad].item()} (non-finite). The run stopped before the "
+                    f"step {step}: {bad} is non-finite (NaN or Inf). The run stopped before the "
                     "update; the last checkpoint is intact. Lower train.lr, raise train.warmup_epochs or set "
                     "train.on_nan=skip."
                 )
             (loss / len(batches)).backward()
-        pending_memory.append((teacher["cls"].detach(), teacher["patch"].detach(), batch.ids.to(ctx.device)))
+        memory_keys = teacher["patch"][keys[teacher_select]]
+        pending_memory.append((teacher["cls"].detach(), memory_keys.detach(), batch.ids.to(ctx.device)))
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0) + v / len(batches)
 

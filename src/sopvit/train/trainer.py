@@ -40,7 +40,7 @@ class Trainer:
         self.cfg = cfg
         self.device = dist.init_distributed(resolve_device(cfg.train.device).type)
         self.world, self.rank = dist.world_size(), dist.rank()
-        torch.manual_seed(cfg.train.seed + self.rank)  # drop-path differs per rank, as with more data
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (teacher included)
         m = cfg.model
         arch_overrides = {
             k: v
@@ -62,6 +62,10 @@ class Trainer:
             m.head_layers,
             **arch_overrides,
         ).to(self.device)
+        if self.device.type == "cpu":
+            for encoder in (self.model.student, self.model.teacher):
+                encoder.backbone.set_fused_attention(False)
+        torch.manual_seed(cfg.train.seed + self.rank)  # drop-path differs per rank, as with more data
         patch_size = self.model.student.backbone.patch_size
         self.inputs = PretrainInputs(
             cfg.data, patch_size, cfg.train.batch_size, self.world, self.rank, cfg.train.seed
@@ -195,7 +199,7 @@ class Trainer:
                 set_schedule(self.optimizer, values.lr, values.weight_decay)
                 batches = list(islice(stream, accum))
                 self.skipped_files += sum(b.skipped for b in batches)
-                metrics = train_step(self.ctx, batches, values, step)
+                metrics = dist.all_reduce_mean_dict(train_step(self.ctx, batches, values, step))
                 self.step = step + 1
                 row = monitor.update(
                     self.step,

@@ -1,0 +1,31 @@
+"""Every recipe in configs/ loads, validates, names a known architecture and documents itself."""
+
+from pathlib import Path
+
+import pytest
+
+from sopvit.config import load_config, recipe_header
+from sopvit.config.pretrain import PretrainConfig
+from sopvit.models import ARCHS
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "pretrain").glob("*.yaml"))
+
+
+def test_there_are_recipes() -> None:
+    names = {p.stem for p in RECIPES}
+    assert {
+        "fashion_mnist_cpu",
+        "vit_small_in1k",
+        "vit_base_in1k",
+        "vit_large_in1k",
+        "swin_tiny_in1k",
+    } <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_loads_and_documents_itself(path: Path) -> None:
+    cfg = load_config(PretrainConfig, path, ["data.path=/data/imagenet"])
+    assert cfg.model.arch in ARCHS
+    header = recipe_header(path)
+    for field in ("command:", "hardware:", "time:", "expected:"):
+        assert field in header, f"{path.name} header lacks '{field}'"
