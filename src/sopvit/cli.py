@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 from sopvit.config import ConfigError, load_config
 from sopvit.config.pretrain import PretrainConfig
+from sopvit.train.checkpoint import CheckpointError
+from sopvit.train.step import NonFiniteLossError
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -49,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"sopvit: error: {err}", file=sys.stderr)
         return 2
+    except (CheckpointError, NonFiniteLossError) as err:
+        print(f"sopvit: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             "sopvit: interrupted; resume with the same command (the last checkpoint is kept)", file=sys.stderr

@@ -7,10 +7,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from sopvit.data import (
-    BatchedMultiCropLoader,
     BatchMultiCrop,
-    BlockMaskGenerator,
-    InMemoryDataset,
     MultiCropSpec,
 )
 from sopvit.data.transforms import blur_kernel_size
@@ -140,45 +137,3 @@ def test_runs_on_cuda() -> None:
     assert all(c.is_cuda and c.shape[0] == 8 for c in crops)
     cpu = BatchMultiCrop(spec)(_images(8), _seeded(0))
     assert all(torch.allclose(g.cpu(), c, atol=1e-4) for g, c in zip(crops, cpu))
-
-
-def _loader(n: int = 50, **kwargs: object) -> BatchedMultiCropLoader:
-    labels = torch.arange(n) % 10
-    dataset = InMemoryDataset(_images(n), labels)
-    spec = MultiCropSpec(**{**FMNIST, "n_locals": 2})
-    masks = BlockMaskGenerator((7, 7), ratio=(0.1, 0.5), mask_prob=0.5)
-    return BatchedMultiCropLoader(dataset, 8, BatchMultiCrop(spec), masks, **kwargs)
-
-
-def test_loader_batches() -> None:
-    loader = _loader(seed=0)
-    batches = list(loader)
-    assert len(loader) == len(batches) == 6
-    batch = batches[0]
-    assert set(batch) == {"crops", "masks", "index", "label", "skipped"}
-    assert [tuple(c.shape) for c in batch["crops"]] == [(8, 1, 28, 28)] * 2 + [(8, 1, 14, 14)] * 2
-    assert batch["masks"].shape == (16, 7, 7) and batch["masks"].dtype == torch.bool
-    assert torch.equal(batch["label"], batch["index"] % 10)
-    seen = torch.cat([b["index"] for b in batches])
-    assert len(set(seen.tolist())) == 48
-    assert len(_loader(drop_last=False)) == 7
-    assert [len(b["index"]) for b in _loader(drop_last=False, shuffle=False)][-1] == 2
-
-
-def test_loader_epochs_are_reproducible() -> None:
-    loader = _loader(seed=3)
-    first = next(iter(loader))
-    again = next(iter(loader))
-    assert torch.equal(first["index"], again["index"]) and torch.equal(first["masks"], again["masks"])
-    assert torch.equal(first["crops"][0], again["crops"][0])
-    loader.set_epoch(1)
-    assert not torch.equal(first["index"], next(iter(loader))["index"])
-
-
-def test_loader_ranks_are_disjoint() -> None:
-    shares = [torch.cat([b["index"] for b in _loader(seed=1, rank=r, world_size=2)]) for r in range(2)]
-    assert not set(shares[0].tolist()) & set(shares[1].tolist())
-    with pytest.raises(ValueError, match="rank"):
-        _loader(rank=2, world_size=2)
-    with pytest.raises(ValueError, match="no batch"):
-        _loader(n=5)

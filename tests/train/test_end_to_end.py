@@ -47,21 +47,30 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path, batche
     _assert_same_run(_final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed"))
 
 
-def test_pretrain_then_knn_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pretrain_resume_then_knn_from_the_cli(tmp_path: Path) -> None:
     from tests.train.tiny import TINY
 
-    assert main(["pretrain", *TINY, f"run.output_dir={tmp_path}", "train.max_steps=4"]) == 0
-    run = tmp_path
-    assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
-    state = _final_state(run)
+    assert main(["pretrain", *TINY, f"run.output_dir={tmp_path}", "train.max_steps=2"]) == 0
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "metrics.jsonl").is_file()
+    assert _final_state(tmp_path)["step"] == 2
+    assert main(["pretrain", *TINY, f"run.output_dir={tmp_path}", "train.max_steps=4"]) == 0  # resumes
+    state = _final_state(tmp_path)
     assert state["step"] == 4
     assert state["objective"]["cls_bank._extra_state"]["pointer"] == (4 * 16) % 64
     trainer = Trainer(
-        tiny_config(run, "train.max_steps=4", "run.knn_dataset=fashion_mnist", "run.knn_limit=200")
+        tiny_config(tmp_path, "train.max_steps=4", "run.knn_dataset=fashion_mnist", "run.knn_limit=200")
     )
-    assert trainer.step == 4  # auto-resumed, nothing left to do
+    assert trainer.step == 4  # nothing left to do
     acc = knn_of_backbone(trainer.model.teacher.backbone, trainer.cfg, trainer.device)
     assert 10.0 < acc <= 100.0
+
+
+def test_existing_run_is_never_overwritten(tmp_path: Path) -> None:
+    Trainer(tiny_config(tmp_path, "train.max_steps=1")).fit()
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"run\.resume=true"):
+        Trainer(tiny_config(tmp_path, "run.resume=false"))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
 def test_online_knn_is_logged(tmp_path: Path) -> None:
@@ -159,3 +168,29 @@ def test_resume_into_a_run_of_another_architecture_is_refused(tmp_path: Path) ->
 
 def test_default_config_type() -> None:
     assert isinstance(tiny_config(Path("/tmp/x")), PretrainConfig)
+
+
+def test_corrupt_images_in_a_folder_are_skipped_and_counted(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from sopvit.data.fashion_mnist import load_fashion_mnist
+
+    images, _ = load_fashion_mnist("train", limit=40)
+    folder = tmp_path / "images" / "nested"
+    folder.mkdir(parents=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img[0].numpy()).save(folder / f"{i:03d}.png")
+    (folder / "000.png").write_bytes((folder / "000.png").read_bytes()[:40])  # truncated
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "text.png").write_text("not an image")
+    cfg = tiny_config(
+        tmp_path / "run",
+        "data.dataset=folder",
+        f"data.path={tmp_path / 'images'}",
+        "data.limit=null",
+        "train.max_steps=2",
+        "data.batched_augment=false",
+    )
+    with pytest.warns(UserWarning, match=r"\d+ unreadable image file\(s\) were skipped"):
+        Trainer(cfg).fit()
+    assert _final_state(tmp_path / "run")["skipped_files"] >= 1

@@ -40,6 +40,7 @@ class DataConfig:
     n_locals: int = 10
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur sigma range in pixels (small images: less)
     mask_ratio: tuple[float, float] = (0.3, 0.3)  # iBOT's mix: (0.1, 0.5) with mask_prob 0.5
     mask_prob: float = 1.0
     batched_augment: bool = (
@@ -57,6 +58,7 @@ class DataConfig:
             lo, hi = getattr(self, name)
             check(0.0 <= lo <= hi <= 1.0, name, f"must be an interval within [0, 1], got ({lo}, {hi})")
         check(self.global_scale[1] > 0 and self.local_scale[1] > 0, "global_scale", "upper bound must be > 0")
+        check(0 < self.blur_sigma[0] <= self.blur_sigma[1], "blur_sigma", "must be (lo, hi), 0 < lo <= hi")
         check(0.0 <= self.mask_prob <= 1.0, "mask_prob", "must be in [0, 1]")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(self.limit is None or self.limit > 0, "limit", "must be > 0 or null")
@@ -118,7 +120,7 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs/pretrain"
-    resume: bool = True  # continue from output_dir/checkpoint.pt when it exists
+    resume: bool = True  # continue from output_dir/checkpoint.pt; false refuses to touch an existing run
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
     log_every: int = 20
     knn_every: int = 0  # steps between online k-NN evaluations (0: off)

@@ -1,8 +1,6 @@
 """Data pipeline: multi-crop augmentation (per-sample and batched), iBOT masks, data sets, collation."""
 
 from sopvit.data.batched import BatchMultiCrop
-from sopvit.data.batched_loader import BatchedMultiCropLoader
-from sopvit.data.collate import MultiCropCollate, mask_grid
 from sopvit.data.datasets import DATASET_NAMES, InMemoryDataset, build_dataset, load_cifar
 from sopvit.data.fashion_mnist import load_fashion_mnist, read_idx
 from sopvit.data.image_folder import IMAGE_EXTENSIONS, ImageFolderDataset, scan_images
@@ -29,18 +27,15 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "BatchMultiCrop",
-    "BatchedMultiCropLoader",
     "BlockMaskGenerator",
     "EvalTransform",
     "ImageFolderDataset",
     "InMemoryDataset",
-    "MultiCropCollate",
     "MultiCropSpec",
     "MultiCropTransform",
     "build_dataset",
     "load_cifar",
     "load_fashion_mnist",
-    "mask_grid",
     "read_idx",
     "scan_images",
 ]

@@ -1,9 +1,10 @@
 """The stream of multi-crop batches a pre-training run consumes, indexed by micro-batch.
 
-Which images a micro-batch holds and how they are augmented depend only on (seed, micro-batch index,
-image index): not on the number of DataLoader workers, and not on whether the run was resumed. So a
-resumed run sees exactly the batches an uninterrupted one would, and 2 ranks see the two halves of
-the global batch a single process would see.
+Which images a micro-batch holds depends only on (seed, micro-batch index), and how they are augmented
+only on (seed, epoch, image) for the per-sample path, or (seed, micro-batch, rank) for the batched path:
+never on the number of DataLoader workers or on whether the run was resumed. So a resumed run sees
+exactly the batches an uninterrupted one would, and (per-sample path) 2 ranks see the two halves of the
+global batch a single process would see.
 """
 
 from __future__ import annotations
@@ -72,14 +73,15 @@ class StepPlan:
 
 
 class _SeededSamples(Dataset[dict[str, Any]]):
-    """Per-sample path: augmentation and masks seeded by (seed, micro-batch, image index)."""
+    """Per-sample path: augmentation and masks seeded by (seed, epoch, image index), so they do not depend
+    on how the global batch is split over ranks or micro-batches."""
 
     def __init__(self, dataset: Dataset[dict[str, Any]], masks: BlockMaskGenerator, seed: int) -> None:
         self.dataset, self.masks, self.seed = dataset, masks, seed
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        micro_step, index = key
-        seed = _mix(self.seed, micro_step, index)
+        epoch, index = key
+        seed = _mix(self.seed, epoch, index)
         # torchvision's v2 transforms draw from the global RNG: fork it so the caller's stream is untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -104,7 +106,8 @@ class _PlanSampler:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for m in range(self.start, self.stop):
-            yield [(m, int(i)) for i in self.plan.indices(m)]
+            epoch = m // self.plan.steps_per_epoch
+            yield [(epoch, int(i)) for i in self.plan.indices(m)]
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -124,6 +127,7 @@ class PretrainInputs:
             global_scale=cfg.global_scale,
             local_scale=cfg.local_scale,
             in_chans=cfg.in_chans,
+            blur_sigma=cfg.blur_sigma,
         )
         grid = cfg.global_size // patch_size
         self.masks = BlockMaskGenerator((grid, grid), ratio=cfg.mask_ratio, mask_prob=cfg.mask_prob)

@@ -125,7 +125,12 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         path = latest_checkpoint(self.run_dir)
-        if path is not None and self.cfg.run.resume:
+        if path is not None and not self.cfg.run.resume:
+            raise ValueError(
+                f"{self.run_dir} already holds a run ({path.name}); set run.resume=true to continue it "
+                "or choose another run.output_dir (nothing was overwritten)"
+            )
+        if path is not None:
             self.load(path)
         if dist.is_main_process():
             save_config(self.cfg, self.run_dir / "config.yaml")
