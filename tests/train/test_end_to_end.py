@@ -170,6 +170,7 @@ def test_default_config_type() -> None:
     assert isinstance(tiny_config(Path("/tmp/x")), PretrainConfig)
 
 
+@pytest.mark.filterwarnings("ignore:skipping unreadable image:RuntimeWarning")
 def test_corrupt_images_in_a_folder_are_skipped_and_counted(tmp_path: Path) -> None:
     from PIL import Image
 
