@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -28,6 +29,29 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from sopvit.bench import format_table, run_benchmark, save_json
+
+    with tempfile.TemporaryDirectory() as scratch:
+        # Without data.path, image-folder recipes time decoding on synthetic JPEGs written here.
+        given = any(o.startswith("data.path=") for o in args.overrides)
+        dataset = load_config(PretrainConfig, args.config, ["data.path=-", *args.overrides]).data.dataset
+        jpegs = [] if given or dataset not in ("folder", "imagenet") else [f"data.path={scratch}/jpegs"]
+        overrides = ["run.tensorboard=false", "run.progress=false", *jpegs, *args.overrides]
+        cfg = load_config(PretrainConfig, args.config, overrides)
+        result = run_benchmark(
+            cfg, args.warmup, args.steps, args.input_batches, args.peak_tflops, Path(scratch)
+        )
+    print(format_table(result))
+    if args.json:
+        save_json(result, Path(args.json))
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sopvit", description="SOP self-supervised pre-training for ViTs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML recipe (see configs/pretrain/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=100 data.path=/data")
     p.set_defaults(func=_pretrain)
+    b = sub.add_parser("bench", help="time the training step with and without SOP, and the input pipeline")
+    b.add_argument("--config", help="YAML recipe giving architecture, crops, batch, precision, compile")
+    b.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument(
+        "--input-batches", type=int, default=10, help="batches for the input-pipeline timing; 0 skips"
+    )
+    b.add_argument(
+        "--peak-tflops", type=float, default=None, help="device bf16 peak for MFU (known GPUs: auto)"
+    )
+    b.add_argument("--json", help="also write the result here")
+    b.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=64 train.compile=true"
+    )
+    b.set_defaults(func=_bench)
     d = sub.add_parser("demo", help="pre-train on Fashion-MNIST on the CPU and report k-NN before/after")
     d.add_argument("overrides", nargs="*", help="dotted overrides of the demo recipe")
     d.set_defaults(func=_demo)

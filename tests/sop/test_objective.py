@@ -1,10 +1,11 @@
+from dataclasses import fields
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sopvit import SOPObjective, cross_view_loss, masked_patch_loss
-from sopvit.sop import SOPConfig, build_prototype_tasks
-from sopvit.sop.losses import assign_to_supports
+from sopvit import SOPObjective, assign, cross_view_loss, masked_patch_loss
+from sopvit.sop import Prototypes, SOPConfig, build_prototype_tasks
 
 SMALL = SOPConfig(
     dim=8, cls_bank_size=64, patch_bank_size=32, cls_tasks=2, cls_anchors=8, cls_k=2, patch_anchors=6, seed=3
@@ -36,19 +37,22 @@ def test_loss_equals_the_composition_of_the_public_functions() -> None:
 
     c = build_prototype_tasks(cls_bank, 2, 8, 2, 0.1, 0.5, gen)
     p = build_prototype_tasks(patch_bank, 1, 6, 0, 0.1, 1.0, gen)
+
+    def task(t: int) -> Prototypes:
+        return Prototypes(*(getattr(c, f.name)[t] for f in fields(Prototypes)))
+
+    # The public single-task functions, applied task by task, with the dense contribution matrix Y.
     per_task = []
     for t in range(2):
-        s = assign_to_supports(batch["student_cls"], c.supports[t : t + 1], c.contributions[t : t + 1], 0.1)[
-            0
-        ]
-        q = assign_to_supports(batch["teacher_cls"], c.supports[t : t + 1], c.contributions[t : t + 1], 0.04)[
-            0
-        ]
+        s = assign(batch["student_cls"], task(t), 0.1)
+        q = assign(batch["teacher_cls"], task(t), 0.04)
         per_task.append(cross_view_loss(list(s.split(3)), list(q.split(3))))
     expected_cls = torch.stack(per_task).mean()
-    sp = assign_to_supports(batch["student_patch"].flatten(0, 1), p.supports, p.contributions, 0.1)[0]
-    tp = assign_to_supports(batch["teacher_patch"].flatten(0, 1), p.supports, p.contributions, 0.07)[0]
-    expected_patch = masked_patch_loss(sp.view(6, 5, -1), tp.view(6, 5, -1), batch["masks"])
+    sp = batch["student_patch"] @ p.supports[0].T / 0.1
+    tp = batch["teacher_patch"] @ p.supports[0].T / 0.07
+    expected_patch = masked_patch_loss(
+        sp.softmax(-1) @ p.contributions[0], tp.softmax(-1) @ p.contributions[0], batch["masks"]
+    )
 
     torch.testing.assert_close(metrics["loss_cls"], expected_cls)
     torch.testing.assert_close(metrics["loss_patch"], expected_patch)

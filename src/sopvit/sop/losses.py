@@ -16,15 +16,26 @@ _FLOOR = torch.finfo(torch.float32).tiny
 
 
 def assign_to_supports(
-    z: torch.Tensor, supports: torch.Tensor, contributions: torch.Tensor, temperature: float
+    z: torch.Tensor, supports: torch.Tensor, weights: torch.Tensor, n_prototypes: int, temperature: float
 ) -> torch.Tensor:
-    """P(z) = softmax(z D^T / tau) Y, batched over tasks.
+    """P(z) = softmax(z D^T / tau) Y, batched over tasks, without materialising Y.
 
-    z: (N, d) unit-norm embeddings; supports: (T, S, d); contributions: (T, S, P) -> (T, N, P) float32.
+    z: (N, d) unit-norm embeddings; supports: (T, S, d) grouped by prototype (S = P * g, g supports each);
+    weights: (T, S) each support's weight w_r for its own prototype -> (T, N, P) float32.
+    Y[r, j] = w_r if j is r's prototype else (1 - w_r) / (P - 1), so the vote is one dot product for the
+    shared part plus a sum within each prototype's group: O(N S) instead of the O(N S P) of a dense Y.
     The similarity matmul runs in the input dtype (bf16 under autocast); softmax and vote in float32.
     """
-    logits = torch.einsum("nd,tsd->tns", z, supports.to(z.dtype)).float() / temperature
-    return torch.bmm(logits.softmax(dim=-1), contributions.float())
+    t, s, _ = supports.shape
+    # 1/tau is folded into z: one small (N, d) scaling instead of one over every (T, N, S) logit.
+    logits = torch.einsum("nd,tsd->tns", z / temperature, supports.to(z.dtype))
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        soft = logits.softmax(dim=-1, dtype=torch.float32)  # (T, N, S)
+        w = weights.float()
+        spread = (1.0 - w) / (n_prototypes - 1)  # what each support gives every other prototype
+        shared = torch.einsum("tns,ts->tn", soft, spread)[..., None]
+        own = (soft * (w - spread)[:, None, :]).view(t, -1, n_prototypes, s // n_prototypes).sum(-1)
+        return shared + own
 
 
 def assign(z: torch.Tensor, prototypes: Prototypes, temperature: float) -> torch.Tensor:
@@ -36,7 +47,9 @@ def assign(z: torch.Tensor, prototypes: Prototypes, temperature: float) -> torch
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     flat = z.reshape(-1, z.shape[-1])
-    p = assign_to_supports(flat, prototypes.supports[None], prototypes.contributions[None], temperature)
+    p = assign_to_supports(
+        flat, prototypes.supports[None], prototypes.weights[None], prototypes.num_prototypes, temperature
+    )
     return p[0].reshape(*z.shape[:-1], -1)
 
 

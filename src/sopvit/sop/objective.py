@@ -11,7 +11,7 @@ from torch import nn
 from sopvit.distributed import rank, world_size
 from sopvit.sop.losses import assign_to_supports, cross_view_loss, masked_token_loss
 from sopvit.sop.memory_bank import MemoryBank
-from sopvit.sop.prototypes import AnchorSelection, build_prototype_tasks
+from sopvit.sop.prototypes import AnchorSelection, Prototypes, build_prototype_tasks
 
 
 @dataclass
@@ -46,6 +46,13 @@ def koleo_loss(z: torch.Tensor) -> torch.Tensor:
     return -(dist + 1e-8).log().mean()
 
 
+def _assign(z: torch.Tensor, prototypes: Prototypes, temperature: float) -> torch.Tensor:
+    """(N, K) embeddings -> (T, N, P) assignments to each task's prototypes."""
+    return assign_to_supports(
+        z, prototypes.supports, prototypes.weights, prototypes.num_prototypes, temperature
+    )
+
+
 def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.clamp_min(1e-12).log()).sum(dim=-1)
 
@@ -72,16 +79,16 @@ class SOPObjective(nn.Module):
             (self.cls_bank, cfg.cls_anchors, cfg.cls_k, cfg.cls_keep_fraction),
             (self.patch_bank, cfg.patch_anchors, cfg.patch_k, cfg.patch_keep_fraction),
         ):
+            probe = bank.embeddings[: max(anchors + k, 1)]
             build_prototype_tasks(
-                bank.embeddings[: max(anchors + k, 1)],
-                1,
-                anchors,
-                k,
-                cfg.smoothing,
-                keep,
-                torch.Generator().manual_seed(0),
-                cfg.anchor_selection,
+                probe, 1, anchors, k, cfg.smoothing, keep, torch.Generator(), cfg.anchor_selection
             )
+
+    def _prototypes(self, bank: MemoryBank, tasks: int, anchors: int, k: int, keep: float) -> Prototypes:
+        cfg = self.cfg
+        return build_prototype_tasks(
+            bank.embeddings, tasks, anchors, k, cfg.smoothing, keep, self.generator, cfg.anchor_selection
+        )
 
     def forward(
         self,
@@ -159,39 +166,17 @@ class SOPObjective(nn.Module):
                 "must agree as (M, K) / (M,)"
             )
         patch_teacher_temp = teacher_temp if patch_teacher_temp is None else patch_teacher_temp
-        cls_protos = build_prototype_tasks(
-            self.cls_bank.embeddings,
-            cfg.cls_tasks,
-            cfg.cls_anchors,
-            cfg.cls_k,
-            cfg.smoothing,
-            cfg.cls_keep_fraction,
-            self.generator,
-            cfg.anchor_selection,
+        cls_protos = self._prototypes(
+            self.cls_bank, cfg.cls_tasks, cfg.cls_anchors, cfg.cls_k, cfg.cls_keep_fraction
         )
-        patch_protos = build_prototype_tasks(
-            self.patch_bank.embeddings,
-            1,
-            cfg.patch_anchors,
-            cfg.patch_k,
-            cfg.smoothing,
-            cfg.patch_keep_fraction,
-            self.generator,
-            cfg.anchor_selection,
+        patch_protos = self._prototypes(
+            self.patch_bank, 1, cfg.patch_anchors, cfg.patch_k, cfg.patch_keep_fraction
         )
         with torch.no_grad():
-            t_cls = assign_to_supports(
-                teacher_cls, cls_protos.supports, cls_protos.contributions, teacher_temp
-            )
-            t_patch = assign_to_supports(
-                teacher_tokens, patch_protos.supports, patch_protos.contributions, patch_teacher_temp
-            )[0]
-        s_cls = assign_to_supports(
-            student_cls, cls_protos.supports, cls_protos.contributions, cfg.student_temp
-        )
-        s_patch = assign_to_supports(
-            student_tokens, patch_protos.supports, patch_protos.contributions, cfg.student_temp
-        )[0]
+            t_cls = _assign(teacher_cls, cls_protos, teacher_temp)
+            t_patch = _assign(teacher_tokens, patch_protos, patch_teacher_temp)[0]
+        s_cls = _assign(student_cls, cls_protos, cfg.student_temp)  # (T, C*B, P)
+        s_patch = _assign(student_tokens, patch_protos, cfg.student_temp)[0]  # (M, P)
         loss_cls = cross_view_loss(s_cls.split(b, dim=1), t_cls.split(b, dim=1))
         loss_patch = masked_token_loss(s_patch, t_patch, token_image, n_images)
 

@@ -109,11 +109,14 @@ def build_prototype_tasks(
     ).to(device)  # (T, A)
 
     if k > 0:
-        sims = torch.einsum("tad,nd->tan", memory[anchors], memory).float()  # (T, A, N)
+        # Under autocast this search runs in bf16 (2-3x faster on GPUs and AMX CPUs); the scores are
+        # only compared and used as contribution weights, where bf16's 3 digits suffice.
+        sims = torch.einsum("tad,nd->tan", memory[anchors], memory)  # (T, A, N)
         # Exclude the task's anchors from its pool without copying the memory.
         excluded = anchors[:, None, :].expand(n_tasks, n_anchors, n_anchors)
         sims.scatter_(2, excluded, float("-inf"))
         scores, neighbours = sims.topk(k, dim=-1)  # (T, A, k)
+        scores = scores.float()
     else:
         scores = memory.new_zeros((n_tasks, n_anchors, 0), dtype=torch.float32)
         neighbours = anchors.new_zeros((n_tasks, n_anchors, 0))

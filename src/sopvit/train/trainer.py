@@ -35,33 +35,45 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast when asked, or by default on CUDA; None means float32 throughout."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def build_model(cfg: PretrainConfig) -> StudentTeacher:
+    """Student and teacher encoders for ``cfg.model`` at the global crop size of ``cfg.data``."""
+    m = cfg.model
+    arch_overrides = {
+        k: v
+        for k, v in (
+            ("patch_size", m.patch_size),
+            ("embed_dim", m.embed_dim),
+            ("depth", m.depth),
+            ("num_heads", m.num_heads),
+        )
+        if v is not None
+    }
+    return StudentTeacher.create(
+        m.arch,
+        cfg.data.global_size,
+        cfg.data.in_chans,
+        m.drop_path_rate,
+        m.head_hidden_dim,
+        m.head_bottleneck_dim,
+        m.head_layers,
+        **arch_overrides,
+    )
+
+
 class Trainer:
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
         self.device = dist.init_distributed(resolve_device(cfg.train.device).type)
         self.world, self.rank = dist.world_size(), dist.rank()
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (teacher included)
-        m = cfg.model
-        arch_overrides = {
-            k: v
-            for k, v in (
-                ("patch_size", m.patch_size),
-                ("embed_dim", m.embed_dim),
-                ("depth", m.depth),
-                ("num_heads", m.num_heads),
-            )
-            if v is not None
-        }
-        self.model = StudentTeacher.create(
-            m.arch,
-            cfg.data.global_size,
-            cfg.data.in_chans,
-            m.drop_path_rate,
-            m.head_hidden_dim,
-            m.head_bottleneck_dim,
-            m.head_layers,
-            **arch_overrides,
-        ).to(self.device)
+        self.model = build_model(cfg).to(self.device)
         if self.device.type == "cpu":
             for encoder in (self.model.student, self.model.teacher):
                 encoder.backbone.set_fused_attention(False)
@@ -102,16 +114,13 @@ class Trainer:
             teacher_temp_warmup_steps=round(t.warmup_teacher_temp_epochs * steps_per_epoch),
             patch_teacher_temp=t.patch_teacher_temp,
         )
-        precision = (
-            t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        )
         self.ctx = StepContext(
             self.model,
             self.student,
             self.objective,
             self.optimizer,
             self.device,
-            torch.bfloat16 if precision == "bf16" else None,
+            autocast_dtype(t.precision, self.device),
             t.clip_grad,
             t.on_nan,
         )
