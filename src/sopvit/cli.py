@@ -93,6 +93,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, NonFiniteLossError) as err:
         print(f"sopvit: {err}", file=sys.stderr)
         return 1
+    except RuntimeError as err:
+        from sopvit import distributed
+
+        if not distributed.is_distributed():
+            raise
+        # A collective failed: another rank died or the network broke. Say so instead of a gloo/NCCL trace.
+        print(
+            f"sopvit: rank {distributed.rank()} lost contact with the other ranks "
+            f"({str(err).splitlines()[0]}). "
+            "The last checkpoint is intact: rerun the same command, or launch with torchrun --max-restarts "
+            "to resume automatically.",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(
             "sopvit: interrupted; resume with the same command (the last checkpoint is kept)", file=sys.stderr

@@ -72,8 +72,29 @@ def init_distributed(device_type: str) -> torch.device:
         device = torch.device(device_type)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_distributed():
         timeout = timedelta(seconds=int(os.environ.get("SOPVIT_DIST_TIMEOUT", 600)))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = _restart_scoped_store(timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return device
+
+
+def _restart_scoped_store(timeout: timedelta) -> dist.Store | None:
+    """After a torchrun restart, a key space of its own in the agent's store.
+
+    The agent keeps its TCP store across ``--max-restarts``; without a fresh prefix the new workers read
+    the dead workers' gloo addresses and fail with "Connection refused".
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"sopvit/restart{restart}", client)
 
 
 def barrier() -> None:

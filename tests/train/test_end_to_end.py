@@ -147,6 +147,16 @@ def test_config_errors_exit_2_with_one_line(
     assert not (tmp_path / "run").exists()
 
 
+def test_impossible_model_sizes_are_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.train.tiny import TINY
+
+    assert (
+        main(["pretrain", *TINY, f"run.output_dir={tmp_path}", "model.embed_dim=30", "model.num_heads=4"])
+        == 2
+    )
+    assert "model:" in capsys.readouterr().err
+
+
 def test_missing_dataset_path_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tests.train.tiny import TINY
 
@@ -156,14 +166,24 @@ def test_missing_dataset_path_is_named(tmp_path: Path, capsys: pytest.CaptureFix
     assert str(missing) in capsys.readouterr().err
 
 
-def test_resume_into_a_run_of_another_architecture_is_refused(tmp_path: Path) -> None:
+def test_resume_into_a_run_of_another_architecture_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.train.tiny import TINY
+
     Trainer(tiny_config(tmp_path, "train.max_steps=1")).fit()
-    with pytest.raises(Exception, match="vit_test"):
-        Trainer(
-            tiny_config(
-                tmp_path, "model.arch=vit_demo", "model.embed_dim=32", "model.depth=1", "model.num_heads=2"
-            )
-        )
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    args = [
+        *TINY,
+        f"run.output_dir={tmp_path}",
+        "model.arch=vit_demo",
+        "model.embed_dim=32",
+        "model.num_heads=2",
+    ]
+    assert main(["pretrain", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.arch" in err and "vit_test" in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 def test_default_config_type() -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sopvit import distributed as dist
-from sopvit.config import config_to_dict, save_config
+from sopvit.config import ConfigError, config_to_dict, save_config
 from sopvit.config.pretrain import PretrainConfig
 from sopvit.models import StudentTeacher
 from sopvit.sop import SOPObjective
@@ -55,6 +55,14 @@ def build_model(cfg: PretrainConfig) -> StudentTeacher:
         )
         if v is not None
     }
+    try:
+        return _create(cfg, arch_overrides)
+    except AssertionError as err:  # timm validates sizes with asserts
+        raise ConfigError(f"timm cannot build {m.arch} with {arch_overrides}: {err}", "model") from err
+
+
+def _create(cfg: PretrainConfig, arch_overrides: dict[str, int]) -> StudentTeacher:
+    m = cfg.model
     return StudentTeacher.create(
         m.arch,
         cfg.data.global_size,
@@ -65,6 +73,36 @@ def build_model(cfg: PretrainConfig) -> StudentTeacher:
         m.head_layers,
         **arch_overrides,
     )
+
+
+# Settings that fix tensor shapes: a run can only continue with the same values.
+_SHAPE_KEYS = {
+    "model": (
+        "arch",
+        "patch_size",
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "head_hidden_dim",
+        "head_bottleneck_dim",
+        "head_layers",
+    ),
+    "data": ("in_chans",),
+    "sop": ("dim", "cls_bank_size", "patch_bank_size"),
+}
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse, naming the key, to resume a run whose architecture or memories differ from the config."""
+    for section, keys in _SHAPE_KEYS.items():
+        for key in keys:
+            old, new = saved.get(section, {}).get(key), current[section][key]
+            if old != new:
+                raise ConfigError(
+                    f"the run in {path.parent} was trained with {section}.{key}={old}, "
+                    f"this config has {new}: use another run.output_dir or the run's own config.yaml",
+                    f"{section}.{key}",
+                )
 
 
 class Trainer:
@@ -132,6 +170,8 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         if dist.is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.run_dir.glob(".*.tmp-*"):  # a write cut short by a kill; never a checkpoint
+                stale.unlink(missing_ok=True)
         dist.barrier()
         path = latest_checkpoint(self.run_dir)
         if path is not None and not self.cfg.run.resume:
@@ -174,11 +214,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path)
-        if state.get("arch") != self.cfg.model.arch:
-            raise CheckpointError(
-                f"{path} holds a '{state.get('arch')}' run; this config trains "
-                f"'{self.cfg.model.arch}'. Use another run.output_dir or set run.resume=false."
-            )
+        check_compatible(state.get("config", {}), config_to_dict(self.cfg), path)
         self.model.student.load_state_dict(state["student"])
         self.model.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
