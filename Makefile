@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install data demo test lint types check clean
+.PHONY: install data browser demo test lint types check clean
 
 install: $(VENV)/.installed
 
@@ -19,16 +19,21 @@ data: $(DATA)
 $(DATA):
 	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
 
+# Headless Chromium renders the HTML run report in tests/visualize (Debian package, root).
+browser: /usr/bin/chromium
+/usr/bin/chromium:
+	apt-get update -qq && apt-get install -y -qq chromium
+
 demo: install data
 	$(VENV)/bin/sopvit demo
 
 # pytest exits 5 when it collected no test: that must fail, never pass silently.
-test: install data
+test: install data browser
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks hubconf.py
+	$(VENV)/bin/ruff format --check src tests benchmarks hubconf.py
 
 types: install
 	$(VENV)/bin/mypy

@@ -52,6 +52,38 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sopvit.export import export
+
+    written = export(args.checkpoint, args.format, Path(args.out), include_head=args.include_head)
+    print(f"wrote {written}")
+    return 0
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sopvit.visualize import prototype_gallery, save_attention_figure
+
+    if args.what == "attention":
+        if not args.image:
+            raise ValueError("visualize attention needs --image PATH")
+        written = save_attention_figure(args.checkpoint, args.image, Path(args.out or "attention.png"))
+    else:
+        written = prototype_gallery(args.checkpoint, Path(args.out or "prototypes.png"), data_path=args.data)
+    print(f"wrote {written}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from sopvit.visualize import write_report
+
+    print(f"wrote {write_report(args.run, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sopvit", description="SOP self-supervised pre-training for ViTs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=64 train.compile=true"
     )
     b.set_defaults(func=_bench)
+    e = sub.add_parser(
+        "export", help="export the teacher backbone (timm, safetensors, Hugging Face folder, ONNX)"
+    )
+    e.add_argument("--checkpoint", required=True, help="run directory or checkpoint.pt")
+    e.add_argument("--format", required=True, choices=["timm", "safetensors", "hf", "onnx"])
+    e.add_argument("--out", required=True, help="output folder (or .pth / .onnx file)")
+    e.add_argument("--include-head", action="store_true", help="also export the projection head")
+    e.set_defaults(func=_export)
+    v = sub.add_parser(
+        "visualize", help="last-layer [CLS] attention maps, or the learned prototypes as images"
+    )
+    v.add_argument("what", choices=["attention", "prototypes"])
+    v.add_argument("--checkpoint", required=True, help="run directory or checkpoint.pt")
+    v.add_argument("--image", help="image for the attention maps")
+    v.add_argument("--data", help="data set path for prototype images (default: the run's data.path)")
+    v.add_argument("--out", help="PNG to write (default: attention.png / prototypes.png)")
+    v.set_defaults(func=_visualize)
+    r = sub.add_parser("report", help="one self-contained HTML report of a run")
+    r.add_argument("run", help="run directory")
+    r.add_argument("--out", help="HTML file (default: RUN/report.html)")
+    r.set_defaults(func=_report)
     d = sub.add_parser("demo", help="pre-train on Fashion-MNIST on the CPU and report k-NN before/after")
     d.add_argument("overrides", nargs="*", help="dotted overrides of the demo recipe")
     d.set_defaults(func=_demo)

@@ -84,9 +84,16 @@ def run_demo(overrides: Sequence[str] = ()) -> dict[str, float]:
     results["minutes"] = (time.perf_counter() - start) / 60
     (trainer.run_dir / "demo_results.json").write_text(json.dumps(results, indent=2))
     figure = plot(trainer.run_dir, results)
+    from sopvit.visualize import prototype_gallery, write_report
+
+    prototype_gallery(trainer.run_dir, trainer.run_dir / "prototypes.png")
+    report = write_report(trainer.run_dir)
     print("\nFashion-MNIST, weighted 20-NN (T=0.07), train 60k -> test 10k, top-1 %")
     print(f"  raw pixels             {results['knn_raw_pixels']:6.2f}")
     print(f"  random-init teacher    {results['knn_random_init']:6.2f}")
     print(f"  SOP-trained teacher    {results['knn_trained']:6.2f}")
-    print(f"run directory: {trainer.run_dir}  (plot: {figure.name}, {results['minutes']:.1f} min in all)")
+    print(
+        f"run directory: {trainer.run_dir}  (plot: {figure.name}, prototypes.png, report: {report.name}; "
+        f"{results['minutes']:.1f} min in all)"
+    )
     return results

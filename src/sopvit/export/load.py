@@ -1,0 +1,220 @@
+"""Load a teacher backbone from a training run, one of our exports, or a SOP/iBOT reference checkpoint."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import timm
+import torch
+from torch import Tensor
+
+from sopvit.config import ConfigError, apply_overrides
+from sopvit.config.coerce import merge
+from sopvit.config.pretrain import PretrainConfig
+from sopvit.models import Backbone, Encoder, create_backbone
+from sopvit.train.checkpoint import LATEST, CheckpointError, load_checkpoint
+
+CONFIG_JSON = "config.json"
+WEIGHTS = "model.safetensors"
+TIMM_ARGS = "timm_args.json"
+
+# Wrappers and prefixes used by the SOP/iBOT/DINO reference code (DDP, torch.compile, MultiCropWrapper).
+_WRAPPER_KEYS = ("teacher", "state_dict", "model", "student")
+_PREFIXES = ("module.", "_orig_mod.", "teacher.", "student.", "backbone.", "encoder.")
+_MASK_KEYS = ("masked_embed", "mask_token")
+_TIMM_HINT = "expected timm ViT/Swin keys like 'blocks.0.attn.qkv.weight', 'patch_embed.proj.weight'"
+
+
+def _require(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    return path
+
+
+def checkpoint_path(source: str | Path) -> Path:
+    """The checkpoint file of a run directory (``<dir>/checkpoint.pt``) or ``source`` itself."""
+    path = _require(source)
+    if path.is_dir():
+        path = path / LATEST
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{source} is a directory without a {LATEST} (not a sopvit run directory)"
+            )
+    return path
+
+
+def config_from_dict(values: Mapping[str, Any], where: Path) -> PretrainConfig:
+    """Rebuild the typed config that a checkpoint stores as a plain dict (``config_to_dict``)."""
+    try:
+        return cast(PretrainConfig, apply_overrides(merge(PretrainConfig, None, values, ""), []))
+    except ConfigError as err:
+        raise ValueError(f"{where}: the saved training config is invalid for this sopvit ({err})") from err
+
+
+def read_run(source: str | Path) -> tuple[dict[str, Any], PretrainConfig, Path]:
+    """``(checkpoint dict, its PretrainConfig, checkpoint path)`` of a run directory or checkpoint file."""
+    path = checkpoint_path(source)
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        raise ValueError(f"{path} is not a readable sopvit checkpoint: {err}") from err
+    missing = [k for k in ("teacher", "config") if k not in state]
+    if missing:
+        raise ValueError(f"{path} is not a sopvit training checkpoint (no {', '.join(missing)} entry)")
+    return state, config_from_dict(state["config"], path), path
+
+
+def teacher_encoder(state: Mapping[str, Any], cfg: PretrainConfig) -> Encoder:
+    """The EMA teacher (backbone + head) of a training checkpoint, in eval mode."""
+    # Imported here: the trainer pulls in data and distributed code that plain loading never needs.
+    from sopvit.train.trainer import build_model
+
+    teacher = build_model(cfg).teacher
+    teacher.load_state_dict(state["teacher"], strict=True)
+    return teacher.eval()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; it records the architecture needed to rebuild the model")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("timm_name", "timm_kwargs", "kind"):
+        if key not in data:
+            raise ValueError(f"{path} has no '{key}' entry; was it written by sopvit.export?")
+    return cast(dict[str, Any], data)
+
+
+def _backbone_from(meta: Mapping[str, Any], weights: Mapping[str, Tensor], where: Path) -> Backbone:
+    model = timm.create_model(meta["timm_name"], **meta["timm_kwargs"])
+    # Exports may carry the projection head under "head."; the timm model itself has no head parameters.
+    body = {k: v for k, v in weights.items() if not k.startswith("head.")}
+    try:
+        model.load_state_dict(body, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{where} does not match {meta['timm_name']} {meta['timm_kwargs']}: {err}") from err
+    backbone = Backbone(model, meta["kind"], meta.get("arch"), meta["timm_name"], meta["timm_kwargs"])
+    return backbone.eval()
+
+
+def load_pretrained(path: str | Path) -> Backbone:
+    """Teacher backbone, in eval mode, from any of:
+
+    - a run directory or its ``checkpoint.pt``;
+    - an exported ``hf``/``safetensors`` folder (``config.json`` + ``model.safetensors``), or that file;
+    - a ``timm`` ``.pth`` export with its ``timm_args.json`` next to it.
+
+    Exports do not carry the mask token (inference never uses it), so it is freshly initialised there.
+    """
+    path = _require(path)
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir() and (path / LATEST).is_file():
+        state, cfg, _ = read_run(path)
+        return teacher_encoder(state, cfg).backbone
+    if (path.is_dir() and (path / WEIGHTS).is_file()) or path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        weights_file = path / WEIGHTS if path.is_dir() else path
+        return _backbone_from(_read_json(folder / CONFIG_JSON), load_file(str(weights_file)), weights_file)
+    if path.is_file() and path.name != LATEST and (folder / TIMM_ARGS).is_file() and path.suffix == ".pth":
+        meta = _read_json(folder / TIMM_ARGS)
+        try:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a damaged or foreign file
+            raise ValueError(f"{path} is not a readable timm state dict ({type(err).__name__})") from err
+        if isinstance(weights, dict) and "format_version" not in weights:
+            return _backbone_from(meta, weights, path)
+    if path.is_file():
+        state, cfg, _ = read_run(path)
+        return teacher_encoder(state, cfg).backbone
+    raise ValueError(
+        f"{path} is neither a sopvit run directory ({LATEST}) nor an exported folder "
+        f"({CONFIG_JSON} + {WEIGHTS}) nor a timm .pth next to its {TIMM_ARGS}"
+    )
+
+
+def _unwrap(obj: Any, where: str) -> dict[str, Tensor]:
+    while isinstance(obj, Mapping) and not any(isinstance(v, Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            raise ValueError(f"{where}: found no state dict (looked under {', '.join(_WRAPPER_KEYS)})")
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: expected a state dict, got {type(obj).__name__}")
+    return {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def _list(keys: list[str]) -> str:
+    return ", ".join(keys[:10]) + (f" (+{len(keys) - 10} more)" if len(keys) > 10 else "") if keys else "none"
+
+
+def load_reference_checkpoint(
+    path: str | Path | Mapping[str, Any], arch: str, **backbone_kwargs: Any
+) -> Backbone:
+    """A :class:`Backbone` of ``arch`` holding the weights of a SOP/iBOT/DINO reference checkpoint.
+
+    Args:
+        path: checkpoint file (or the already loaded dict); it may wrap the weights under
+            ``teacher``/``student``/``state_dict``/``model`` and prefix keys with ``module.``,
+            ``backbone.``, ``teacher.backbone.`` ...; the teacher is preferred when both are present.
+        arch: our architecture name (see ``sopvit.models.describe_archs``).
+        **backbone_kwargs: passed to :func:`sopvit.models.create_backbone` (``img_size``, ``in_chans`` ...).
+
+    Raises:
+        ValueError: the keys or shapes do not fit ``arch``; lists up to 10 missing and unexpected keys.
+    """
+    where = "the given dict" if isinstance(path, Mapping) else str(path)
+    if isinstance(path, Mapping):
+        raw: Any = path
+    else:
+        file = _require(path)
+        try:
+            raw = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception:
+            # Reference checkpoints pickle their argparse Namespace next to the weights; the caller chose
+            # to trust this file by passing it, so fall back to the full unpickler.
+            raw = torch.load(file, map_location="cpu", weights_only=False)
+    weights: dict[str, Tensor] = {}
+    mask: Tensor | None = None
+    for key, value in _unwrap(raw, where).items():
+        key = _strip(key)
+        if key in _MASK_KEYS:
+            mask = value
+        elif not key.startswith("head."):  # the projection head is not part of the backbone
+            weights[key] = value
+    backbone = create_backbone(arch, **backbone_kwargs)
+    expected = backbone.model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{where} does not fit arch {arch!r} ({_TIMM_HINT}); missing keys: {_list(missing)}; "
+            f"unexpected keys: {_list(unexpected)}"
+        )
+    bad = [
+        f"{k} {tuple(weights[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if weights[k].shape != v.shape
+    ]
+    if bad:
+        raise ValueError(f"{where} has shapes that do not fit arch {arch!r}: {_list(bad)}")
+    backbone.model.load_state_dict(weights, strict=True)
+    if mask is not None:
+        if mask.numel() != backbone.mask_token.numel():
+            raise ValueError(f"{where}: mask token has {mask.numel()} values, expected {backbone.embed_dim}")
+        with torch.no_grad():
+            backbone.mask_token.copy_(mask.reshape(backbone.mask_token.shape))
+    return backbone.eval()
