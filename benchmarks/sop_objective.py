@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from sopvit import SOPObjective
+from sopvit.bench import time_once
 
 
 def main() -> None:
@@ -47,21 +47,7 @@ def main() -> None:
             )
         loss.backward()
 
-    times = []
-    for i in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            elapsed = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            step()
-            elapsed = (time.perf_counter() - t0) * 1000
-        if i >= args.warmup:
-            times.append(elapsed)
+    times = [time_once(device, step) for _ in range(args.warmup + args.steps)][args.warmup :]
     result = {
         "device": str(device),
         "threads": torch.get_num_threads(),

@@ -56,7 +56,7 @@ class TrivialObjective(nn.Module):
         return None
 
 
-def _time_once(device: torch.device, fn: Callable[[], object]) -> float:
+def time_once(device: torch.device, fn: Callable[[], object]) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -130,7 +130,7 @@ def time_objective(ctx: StepContext, batch: Batch, warmup: int, steps: int) -> f
         loss.backward()
         ctx.objective.update_memory(teacher_cls, teacher_cls[:b], batch.ids.to(device))
 
-    times = [_time_once(device, run) for _ in range(warmup + steps)]
+    times = [time_once(device, run) for _ in range(warmup + steps)]
     return statistics.median(times[warmup:])
 
 
@@ -149,7 +149,7 @@ def time_steps(cfg: PretrainConfig, warmup: int, steps: int) -> dict[str, float]
     for i in range(warmup + steps):
         # ABBA order: whichever step runs second in a pair finds the caches warm for a different model.
         for name, ctx in pair if i % 2 == 0 else pair[::-1]:
-            elapsed = _time_once(device, lambda c=ctx: train_step(c, [batch], values, 0))  # type: ignore[misc]
+            elapsed = time_once(device, lambda c=ctx: train_step(c, [batch], values, 0))  # type: ignore[misc]
             if i >= warmup:
                 times[name].append(elapsed)
     with FlopCounterMode(display=False) as counter:
