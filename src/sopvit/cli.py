@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from sopvit.config import ConfigError, load_config
 from sopvit.config.pretrain import PretrainConfig
@@ -84,6 +85,23 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from sopvit.eval import get_evaluator, load_protocols
+    from sopvit.export import load_pretrained
+
+    load_protocols()
+    evaluator = get_evaluator(args.name)
+    cfg: Any = load_config(evaluator.config, args.config, args.overrides)
+    backbone = load_pretrained(args.checkpoint)
+    result = evaluator.run(backbone, cfg)
+    width = max(len(k) for k in result)
+    print(f"{evaluator.name}: {evaluator.summary}")
+    for key, value in result.items():
+        print(f"  {key:<{width}}  {value:.4g}")
+    print(json.dumps({"eval": evaluator.name, "checkpoint": str(args.checkpoint), **result}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sopvit", description="SOP self-supervised pre-training for ViTs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", help="run directory")
     r.add_argument("--out", help="HTML file (default: RUN/report.html)")
     r.set_defaults(func=_report)
+    ev = sub.add_parser("eval", help="evaluate a backbone: knn | linear | logreg | retrieval | davis")
+    ev.add_argument("name", help="protocol name")
+    ev.add_argument("--checkpoint", required=True, help="run directory, checkpoint.pt or an export")
+    ev.add_argument("--config", help="YAML with the protocol's settings")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dataset=fashion_mnist ks=[20]")
+    ev.set_defaults(func=_eval)
     d = sub.add_parser("demo", help="pre-train on Fashion-MNIST on the CPU and report k-NN before/after")
     d.add_argument("overrides", nargs="*", help="dotted overrides of the demo recipe")
     d.set_defaults(func=_demo)
@@ -134,7 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options (`eval knn --checkpoint RUN ks=[20]`), which argparse leaves unparsed.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args))
     except ConfigError as err:

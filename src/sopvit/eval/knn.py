@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from sopvit.config import check
+from sopvit.eval.cache import EvalDataConfig, resolve_device, split_features
+from sopvit.eval.registry import register
+from sopvit.models import Backbone
 
 
 @torch.inference_mode()
@@ -42,7 +49,36 @@ def knn_accuracy(
         truth = test_labels[start : start + chunk]
         for k in ks:
             kk = min(k, k_max)
-            votes = torch.zeros(sims.shape[0], n_classes, dtype=weights.dtype)
+            votes = torch.zeros(sims.shape[0], n_classes, dtype=weights.dtype, device=weights.device)
             votes.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
             correct[k] += int((votes.argmax(1) == truth).sum())
     return {k: 100.0 * c / test_features.shape[0] for k, c in correct.items()}
+
+
+@dataclass
+class KNNConfig(EvalDataConfig):
+    ks: tuple[int, ...] = (10, 20, 100, 200)
+    temperature: float = 0.07
+
+    def validate(self) -> None:
+        super().validate()
+        check(len(self.ks) > 0 and min(self.ks) >= 1, "ks", "must be a non-empty list of positive ints")
+        check(self.temperature > 0, "temperature", "must be > 0")
+
+
+@register("knn", KNNConfig, "weighted k-NN on the final-normed [CLS], L2-normalised (DINO)")
+def run(backbone: Backbone, cfg: KNNConfig) -> dict[str, float]:
+    cfg.validate()
+    train_f, train_y = split_features(backbone, cfg, cfg.train_split, "cls")
+    test_f, test_y = split_features(backbone, cfg, cfg.test_split, "cls")
+    device = resolve_device(cfg.device)
+    # similarity matmuls on the accelerator: N_test x N_train is the whole cost of the protocol
+    acc = knn_accuracy(
+        F.normalize(train_f, dim=-1).to(device),
+        train_y.to(device),
+        F.normalize(test_f, dim=-1).to(device),
+        test_y.to(device),
+        ks=cfg.ks,
+        temperature=cfg.temperature,
+    )
+    return {f"knn_top1@{k}": v for k, v in acc.items()}

@@ -1,0 +1,208 @@
+"""Frozen-feature extraction for the offline protocols, sharded over ranks and cached on disk by content."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from sopvit.config import check
+from sopvit.data.datasets import DATASET_NAMES, InMemoryDataset, build_dataset
+from sopvit.data.transforms import EvalTransform, MultiCropSpec
+from sopvit.distributed import all_gather_rows, all_reduce_min, barrier, is_main_process, rank, world_size
+from sopvit.eval.features import tensor_batches
+from sopvit.models import Backbone
+
+_LAYERS = re.compile(r"^(cls|cls\+avgpool|last[1-9][0-9]*)$")
+
+
+@dataclass
+class EvalDataConfig:
+    """Fields every offline protocol shares: which images, at what resolution, where features are cached."""
+
+    dataset: str = "fashion_mnist"  # a build_dataset name
+    path: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    image_size: int = 28  # evaluation resolution (224 for the ImageNet protocols)
+    in_chans: int = 1
+    batch_size: int = 256  # extraction batch
+    limit: int | None = None  # first N images of each split (smoke tests)
+    device: str = "auto"
+    cache_dir: str | None = None  # None: never cache
+
+    def validate(self) -> None:
+        check(self.dataset in DATASET_NAMES, "dataset", f"must be one of {', '.join(DATASET_NAMES)}")
+        check(
+            self.path is not None or self.dataset not in ("folder", "imagenet"),
+            "path",
+            "required for folders",
+        )
+        check(self.image_size > 0, "image_size", "must be > 0")
+        check(self.in_chans in (1, 3), "in_chans", "must be 1 or 3")
+        check(self.batch_size > 0, "batch_size", "must be > 0")
+        check(self.limit is None or self.limit > 0, "limit", "must be > 0 or null")
+        check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device", "unknown")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def backbone_fingerprint(backbone: nn.Module) -> str:
+    """sha256 over every state-dict tensor (name, dtype, shape, bytes): any weight change changes it.
+
+    Hashing all bytes rather than a sample costs ~0.1 s per 100 MB and rules out silent reuse of the
+    features of a checkpoint that differs only in tensors a sample would miss.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(backbone.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        # through uint8 so bfloat16 (which numpy lacks) hashes too
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    arch = {k: getattr(backbone, k, None) for k in ("arch", "timm_name", "timm_kwargs", "kind")}
+    h.update(json.dumps(arch, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def cached_features(
+    backbone: nn.Module,
+    key_parts: dict[str, Any],
+    compute: Callable[[], tuple[Tensor, Tensor]],
+    cache_dir: str | None,
+) -> tuple[Tensor, Tensor]:
+    """``compute()``'s (features, labels), stored under a hash of the weights and ``key_parts``."""
+    if cache_dir is None:
+        return compute()
+    key_json = json.dumps(
+        {"backbone": backbone_fingerprint(backbone), **key_parts}, sort_keys=True, default=str
+    )
+    key = hashlib.sha256(key_json.encode()).hexdigest()
+    file = os.path.join(cache_dir, f"features-{key[:32]}.pt")
+    # every rank must agree: extraction is collective, so one rank hitting alone would deadlock the others
+    hit = all_reduce_min(torch.tensor([int(os.path.isfile(file))]))
+    if bool(hit.item()):
+        stored = torch.load(file, map_location="cpu", weights_only=True)
+        if stored.get("key") == key_json:  # the 32-char prefix could in principle collide
+            return stored["features"], stored["labels"]
+    features, labels = compute()
+    if is_main_process():
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{file}.tmp{os.getpid()}"
+        torch.save({"key": key_json, "features": features, "labels": labels}, tmp)
+        os.replace(tmp, file)  # atomic: a crash never leaves a truncated cache entry behind
+    barrier()
+    return features, labels
+
+
+def _forward(backbone: Backbone, x: Tensor, layers: str) -> Tensor:
+    if layers == "cls":
+        return backbone(x)["cls"]
+    if layers == "cls+avgpool":
+        out = backbone(x)
+        return torch.cat([out["cls"], out["patch"].mean(1)], dim=-1)
+    blocks = backbone.get_intermediate_layers(x, int(layers[4:]), norm=True)
+    return torch.cat([b[:, 0] for b in blocks], dim=-1)
+
+
+@torch.inference_mode()
+def extract_dataset_features(
+    backbone: Backbone,
+    dataset_name: str,
+    path: str | None,
+    split: str,
+    image_size: int,
+    in_chans: int,
+    batch_size: int,
+    limit: int | None,
+    device: torch.device,
+    layers: str = "cls",
+) -> tuple[Tensor, Tensor]:
+    """Raw float32 features (N, F) and labels (N,) of a split, in data-set order.
+
+    layers: "cls" (final-normed [CLS]), "lastN" ([CLS] of the last N blocks, each final-normed,
+    concatenated) or "cls+avgpool" ([CLS] + mean patch token of the last block).
+    """
+    if not _LAYERS.match(layers):
+        raise ValueError(f"layers must be 'cls', 'cls+avgpool' or 'lastN', got {layers!r}")
+    in_memory = dataset_name in ("fashion_mnist", "cifar10", "cifar100")
+    transform = None if in_memory else EvalTransform(image_size, in_chans=in_chans)
+    ds = build_dataset(dataset_name, path, split, transform=transform, limit=limit)
+    n = len(cast(Any, ds))
+    # strided shards: rank r takes r, r+W, ... so shard sizes differ by at most one
+    shard = torch.arange(rank(), n, world_size())
+    mean, std = MultiCropSpec(in_chans=in_chans).stats
+    batches: Iterator[Tensor]
+    if isinstance(ds, InMemoryDataset):
+        batches = tensor_batches(ds.images[shard], batch_size, mean, std, image_size)
+        label_parts = [ds.labels[shard]]
+    else:
+        sub = Subset(cast(Dataset[dict[str, Any]], ds), shard.tolist())
+        loader: DataLoader[dict[str, Any]] = DataLoader(sub, batch_size=batch_size, num_workers=2)
+        label_parts = []
+
+        def from_loader() -> Iterator[Tensor]:
+            for b in loader:
+                label_parts.append(torch.as_tensor(b["label"]))
+                yield b["image"]
+
+        batches = from_loader()
+    was_training = backbone.training
+    backbone.eval().to(device)
+    bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    feats = []
+    with bf16:
+        for x in batches:
+            feats.append(_forward(backbone, x.to(device, non_blocking=True), layers).float())
+    backbone.train(was_training)
+    local = torch.cat(feats) if feats else torch.empty(0, 0, device=device)
+    gathered = all_gather_rows(local).cpu()
+    labels = all_gather_rows(torch.cat(label_parts).long().to(device)).cpu()
+    # gathered rows are rank-major; put row i of rank r back at data-set index r + i * W
+    order = torch.cat([torch.arange(r, n, world_size()) for r in range(world_size())])
+    features = torch.empty_like(gathered)
+    features[order] = gathered
+    ordered_labels = torch.empty_like(labels)
+    ordered_labels[order] = labels
+    return features, ordered_labels
+
+
+def split_features(backbone: Backbone, cfg: EvalDataConfig, split: str, layers: str) -> tuple[Tensor, Tensor]:
+    """Features of one split of ``cfg``'s data set, from the cache when the weights and inputs match."""
+    key = {
+        "dataset": cfg.dataset,
+        "path": os.path.abspath(cfg.path) if cfg.path else None,
+        "split": split,
+        "image_size": cfg.image_size,
+        "in_chans": cfg.in_chans,
+        "limit": cfg.limit,
+        "layers": layers,
+    }
+
+    def compute() -> tuple[Tensor, Tensor]:
+        return extract_dataset_features(
+            backbone,
+            cfg.dataset,
+            cfg.path,
+            split,
+            cfg.image_size,
+            cfg.in_chans,
+            cfg.batch_size,
+            cfg.limit,
+            resolve_device(cfg.device),
+            layers,
+        )
+
+    return cached_features(backbone, key, compute, cfg.cache_dir)

@@ -1,0 +1,76 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sopvit.eval.linear import LinearConfig, lars_sgd_step, run, standardise, train_linear_heads
+from sopvit.models import create_backbone
+
+
+def test_lars_and_sgd_step_by_hand() -> None:
+    # heads: SGD, LARS, SGD with wd 0.5; all start at w = (3, 4), grad = (0, 1), lr 0.1
+    w = torch.tensor([[3.0, 4.0]] * 3)
+    grad = torch.tensor([[0.0, 1.0]] * 3)
+    buf = torch.zeros_like(w)
+    lr, wd = torch.full((3,), 0.1), torch.tensor([0.0, 0.0, 0.5])
+    lars = torch.tensor([False, True, False])
+    lars_sgd_step(w, grad, buf, lr, wd, 0.9, lars)
+    # LARS: trust ||w|| / ||g|| = 5 / 1 -> step 0.1 * 5 * (0, 1); wd: g = (0, 1) + 0.5 (3, 4) = (1.5, 3)
+    expected = torch.tensor([[3.0, 3.9], [3.0, 3.5], [2.85, 3.7]])
+    torch.testing.assert_close(w, expected)
+    torch.testing.assert_close(buf, torch.tensor([[0.0, 1.0], [0.0, 5.0], [1.5, 3.0]]))
+    # second SGD step with momentum: buf = 0.9 * 1 + 1 = 1.9
+    lars_sgd_step(w[:1], grad[:1], buf[:1], lr[:1], wd[:1], 0.9, lars[:1])
+    torch.testing.assert_close(w[0], torch.tensor([3.0, 3.9 - 0.19]))
+
+
+def _separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, generator=gen)
+    y = (x @ torch.randn(16, 3, generator=torch.Generator().manual_seed(99))).argmax(1)
+    return x, y
+
+
+def test_sweep_learns_separable_features() -> None:
+    x, y = _separable(600, 0)
+    tx, ty = _separable(300, 1)
+    x, tx = standardise(x, tx)
+    cfg = LinearConfig(lrs=(1e-4, 1e-1, 1.0), epochs=30, train_batch_size=64)
+    heads = train_linear_heads(x, y, 3, cfg)
+    assert heads.weight.shape == (12, 16, 3)
+    acc = heads.accuracies(tx, ty)
+    best = int(acc.argmax())
+    assert float(acc[best]) >= 95.0
+    # the tiny learning rate barely moves from the random init: it must not win
+    assert float(heads.lr[best]) > 1e-4
+    assert float(acc[heads.lr == 1e-4].max()) < float(acc[best])
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="optimizers"):
+        LinearConfig(optimizers=("adam",)).validate()
+    with pytest.raises(ValueError, match="layers"):
+        LinearConfig(layers="mean").validate()
+    with pytest.raises(ValueError, match="epochs"):
+        LinearConfig(epochs=0).validate()
+
+
+@pytest.mark.parametrize(("layers", "val_fraction"), [("last2", 0.0), ("cls+avgpool", 0.2)])
+def test_run_on_fashion_mnist(tmp_path: Path, layers: str, val_fraction: float) -> None:
+    torch.manual_seed(0)
+    backbone = create_backbone("vit_test", img_size=28, in_chans=1)
+    cfg = LinearConfig(
+        layers=layers,
+        lrs=(1e-3, 1e-1),
+        epochs=3,
+        train_batch_size=64,
+        val_fraction=val_fraction,
+        limit=300,
+        device="cpu",
+        cache_dir=str(tmp_path),
+    )
+    out = run(backbone, cfg)
+    assert 0 <= out["linear_top1"] <= 100 and math.isfinite(out["linear_top1"])
+    assert out["best_lr"] in (1e-3, 1e-1) and out["best_wd"] in (0.0, 1e-6) and out["best_is_lars"] in (0, 1)
+    assert ("linear_val_top1" in out) == (val_fraction > 0)
