@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", help="run directory")
     r.add_argument("--out", help="HTML file (default: RUN/report.html)")
     r.set_defaults(func=_report)
-    ev = sub.add_parser("eval", help="evaluate a backbone: knn | linear | logreg | retrieval | davis")
+    ev = sub.add_parser("eval", help="evaluate a backbone: knn, linear, logreg, finetune, davis, ...")
     ev.add_argument("name", help="protocol name")
     ev.add_argument("--checkpoint", required=True, help="run directory, checkpoint.pt or an export")
     ev.add_argument("--config", help="YAML with the protocol's settings")
