@@ -170,6 +170,10 @@ def evaluate(model: nn.Module, loader: DataLoader[dict[str, Any]], device: torch
     return 100.0 * correct / max(seen, 1)
 
 
+def _native_resize(cfg: FinetuneConfig) -> int | None:
+    return cfg.image_size if cfg.dataset in ("fashion_mnist", "cifar10", "cifar100") else None
+
+
 @register("finetune", FinetuneConfig, "full fine-tuning with layer decay, mixup/cutmix, RandAugment")
 def run(backbone: Backbone, cfg: FinetuneConfig) -> dict[str, float]:
     cfg.validate()
@@ -185,7 +189,9 @@ def run(backbone: Backbone, cfg: FinetuneConfig) -> dict[str, float]:
         cfg.dataset,
         cfg.path,
         cfg.test_split,
-        transform=EvalTransform(cfg.image_size, in_chans=cfg.in_chans),
+        # Small in-memory sets are evaluated at their native size (no 256/224 centre crop), as k-NN and
+        # linear do: the crop would zoom 28 px images by 8% and shift them away from the training views.
+        transform=EvalTransform(cfg.image_size, resize=_native_resize(cfg), in_chans=cfg.in_chans),
         limit=cfg.limit,
     )
     labels = dataset_labels(train_ds)
