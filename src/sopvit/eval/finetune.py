@@ -27,6 +27,7 @@ from sopvit.data.datasets import build_dataset
 from sopvit.data.transforms import EvalTransform
 from sopvit.eval.cache import EvalDataConfig, resolve_device
 from sopvit.eval.finetune_data import FinetuneTrainTransform, dataset_labels, low_shot_indices
+from sopvit.eval.logreg import check_subset
 from sopvit.eval.registry import register
 from sopvit.models import Backbone
 
@@ -69,16 +70,7 @@ class FinetuneConfig(EvalDataConfig):
         check(0 <= self.randaug_m <= 30, "randaug_m", "must be in [0, 30]")
         check(0 < self.crop_scale_min <= 1, "crop_scale_min", "must be in (0, 1]")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
-        check(
-            self.subset_fraction is None or 0 < self.subset_fraction <= 1,
-            "subset_fraction",
-            "must be in (0, 1]",
-        )
-        check(
-            self.subset_file is None or self.subset_fraction is None,
-            "subset_file",
-            "give subset_file or subset_fraction, not both",
-        )
+        check_subset(self.subset_file, self.subset_fraction)
 
 
 class Classifier(nn.Module):

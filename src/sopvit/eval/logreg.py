@@ -21,6 +21,16 @@ from sopvit.eval.registry import register
 from sopvit.models import Backbone
 
 
+def check_subset(subset_file: str | None, subset_fraction: float | None) -> None:
+    """Validation shared by the low-shot protocols (logreg, finetune)."""
+    check(subset_fraction is None or 0 < subset_fraction <= 1, "subset_fraction", "must be in (0, 1]")
+    check(
+        subset_file is None or subset_fraction is None,
+        "subset_file",
+        "give subset_file or subset_fraction, not both",
+    )
+
+
 @dataclass
 class LogRegConfig(EvalDataConfig):
     layers: str = "cls"
@@ -35,16 +45,7 @@ class LogRegConfig(EvalDataConfig):
         check(self.layers in ("cls", "cls+avgpool") or self.layers[4:].isdigit(), "layers", "unknown")
         check(self.c > 0, "c", "must be > 0")
         check(self.max_iter >= 1, "max_iter", "must be >= 1")
-        check(
-            self.subset_fraction is None or 0 < self.subset_fraction <= 1,
-            "subset_fraction",
-            "must be in (0, 1]",
-        )
-        check(
-            self.subset_file is None or self.subset_fraction is None,
-            "subset_file",
-            "give subset_file or subset_fraction, not both",
-        )
+        check_subset(self.subset_file, self.subset_fraction)
 
 
 def read_subset_file(path: str, n: int) -> Tensor:
