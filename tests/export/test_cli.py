@@ -34,3 +34,9 @@ def test_export_of_a_missing_run_is_a_one_line_error(
         == 2
     )
     assert str(tmp_path / "none") in capsys.readouterr().err
+
+
+def test_loaded_backbones_are_trainable(tmp_path: Path) -> None:
+    Trainer(tiny_config(tmp_path / "run", "train.max_steps=1")).fit()
+    backbone = load_pretrained(tmp_path / "run")  # the run's teacher was frozen while pre-training
+    assert all(p.requires_grad for p in backbone.parameters())

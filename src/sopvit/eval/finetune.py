@@ -200,7 +200,7 @@ def run(backbone: Backbone, cfg: FinetuneConfig) -> dict[str, float]:
     )
 
     # never touch the caller's weights: all changes (drop path, training) happen on a copy
-    net = copy.deepcopy(backbone)
+    net = copy.deepcopy(backbone).requires_grad_(True)  # a pre-training teacher arrives frozen
     set_drop_path(net, cfg.drop_path)
     model = Classifier(net, n_classes).to(device)
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)

@@ -101,7 +101,7 @@ def _backbone_from(meta: Mapping[str, Any], weights: Mapping[str, Tensor], where
 
 
 def load_pretrained(path: str | Path) -> Backbone:
-    """Teacher backbone, in eval mode, from any of:
+    """Teacher backbone, in eval mode and trainable (``requires_grad``, ready to fine-tune), from any of:
 
     - a run directory or its ``checkpoint.pt``;
     - an exported ``hf``/``safetensors`` folder (``config.json`` + ``model.safetensors``), or that file;
@@ -109,6 +109,11 @@ def load_pretrained(path: str | Path) -> Backbone:
 
     Exports do not carry the mask token (inference never uses it), so it is freshly initialised there.
     """
+    # The teacher is frozen during pre-training; a loaded backbone must not inherit that.
+    return _load(path).requires_grad_(True)
+
+
+def _load(path: str | Path) -> Backbone:
     path = _require(path)
     folder = path if path.is_dir() else path.parent
     if path.is_dir() and (path / LATEST).is_file():
