@@ -13,12 +13,12 @@ on ``train_variant/val`` (the in-distribution split), then applied unchanged to 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor
 
 from sopvit.config import check
-from sopvit.eval.cache import EvalDataConfig, cached_features, extract_dataset_features, resolve_device
+from sopvit.eval.cache import EvalDataConfig, resolve_device, split_features
 from sopvit.eval.linear import OPTIMIZERS, LinearConfig, standardise, train_linear_heads
 from sopvit.eval.registry import register
 from sopvit.models import Backbone
@@ -74,31 +74,8 @@ def variant_features(
     root = os.path.join(str(cfg.path), variant)
     if not os.path.isdir(os.path.join(root, split)):
         raise ValueError(f"variants: {os.path.join(root, split)!r} is not a directory")
-    key = {
-        "protocol": "robustness",
-        "path": os.path.abspath(root),
-        "split": split,
-        "image_size": cfg.image_size,
-        "in_chans": cfg.in_chans,
-        "limit": cfg.limit,
-        "layers": cfg.layers,
-    }
-
-    def compute() -> tuple[Tensor, Tensor]:
-        return extract_dataset_features(
-            backbone,
-            "imagenet",
-            root,
-            split,
-            cfg.image_size,
-            cfg.in_chans,
-            cfg.batch_size,
-            cfg.limit,
-            resolve_device(cfg.device),
-            cfg.layers,
-        )
-
-    return cached_features(backbone, key, compute, cfg.cache_dir)
+    # Each variant is an ImageNet-style folder: the shared cached extraction reads root/split.
+    return split_features(backbone, replace(cfg, dataset="imagenet", path=root), split, cfg.layers)
 
 
 @register("robustness", RobustnessConfig, "ImageNet-9 background robustness: linear head, top-1 per variant")
