@@ -1,11 +1,13 @@
 """Every recipe in configs/ loads, validates, names a known architecture and documents itself."""
 
+import re
 from pathlib import Path
 
 import pytest
 
 from sopvit.config import load_config, recipe_header
 from sopvit.config.pretrain import PretrainConfig
+from sopvit.eval import get_evaluator, load_protocols
 from sopvit.models import ARCHS
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "pretrain").glob("*.yaml"))
@@ -29,3 +31,18 @@ def test_recipe_loads_and_documents_itself(path: Path) -> None:
     header = recipe_header(path)
     for field in ("command:", "hardware:", "time:", "expected:"):
         assert field in header, f"{path.name} header lacks '{field}'"
+
+
+EVAL_RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "eval").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EVAL_RECIPES, ids=[p.stem for p in EVAL_RECIPES])
+def test_eval_recipe_loads_for_the_protocol_its_command_names(path: Path) -> None:
+    header = recipe_header(path)
+    for field in ("command:", "hardware:", "time:", "expected:"):
+        assert field in header, f"{path.name} header lacks '{field}'"
+    name = re.search(r"sopvit eval (\w+) --config configs/eval/" + re.escape(path.name), header)
+    assert name, f"{path.name}: the command line must run this recipe"
+    load_protocols()
+    cfg = load_config(get_evaluator(name.group(1)).config, path, [])
+    cfg.validate()

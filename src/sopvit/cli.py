@@ -86,14 +86,20 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from sopvit import distributed
     from sopvit.eval import get_evaluator, load_protocols
+    from sopvit.eval.cache import resolve_device
     from sopvit.export import load_pretrained
 
     load_protocols()
     evaluator = get_evaluator(args.name)
     cfg: Any = load_config(evaluator.config, args.config, args.overrides)
     backbone = load_pretrained(args.checkpoint)
+    # Under torchrun every rank extracts its shard of the images; one process needs no group.
+    distributed.init_distributed(resolve_device(getattr(cfg, "device", "auto")).type)
     result = evaluator.run(backbone, cfg)
+    if not distributed.is_main_process():
+        return 0
     width = max(len(k) for k in result)
     print(f"{evaluator.name}: {evaluator.summary}")
     for key, value in result.items():

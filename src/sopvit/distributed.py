@@ -32,6 +32,13 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def _collective_device(x: torch.Tensor) -> torch.device:
+    """Where ``x`` must live for a collective: NCCL only moves CUDA tensors, gloo moves any."""
+    if x.device.type == "cpu" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return x.device
+
+
 @torch.no_grad()
 def all_gather_rows(x: torch.Tensor, same_size: bool = False) -> torch.Tensor:
     """Concatenate ``x`` (n_r, ...) from every rank in rank order -> (sum_r n_r, ...).
@@ -42,10 +49,12 @@ def all_gather_rows(x: torch.Tensor, same_size: bool = False) -> torch.Tensor:
     """
     if world_size() == 1:
         return x
+    home = x.device
+    x = x.to(_collective_device(x))
     if same_size:
         out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
         _gather_single(out, x.contiguous())
-        return out
+        return out.to(home)
     n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
     counts = [torch.zeros_like(n) for _ in range(world_size())]
     dist.all_gather(counts, n)
@@ -56,7 +65,24 @@ def all_gather_rows(x: torch.Tensor, same_size: bool = False) -> torch.Tensor:
         padded = torch.cat([x, x.new_zeros((largest - x.shape[0], *x.shape[1:]))])
     gathered = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded.contiguous())
-    return torch.cat([g[:s] for g, s in zip(gathered, sizes)])
+    return torch.cat([g[:s] for g, s in zip(gathered, sizes)]).to(home)
+
+
+def shard(n: int) -> range:
+    """This rank's strided share of ``n`` items: r, r + W, ... (shares differ in size by at most one)."""
+    return range(rank(), n, world_size())
+
+
+def gather_shards(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows of every rank's ``shard(n)`` (in shard order) -> all ``n`` rows in item order, on every rank."""
+    gathered = all_gather_rows(local)
+    if world_size() == 1:
+        return gathered
+    # gathered rows are rank-major; row i of rank r is item r + i * W
+    order = torch.cat([torch.arange(r, n, world_size()) for r in range(world_size())]).to(gathered.device)
+    out = torch.empty_like(gathered)
+    out[order] = gathered
+    return out
 
 
 def init_distributed(device_type: str) -> torch.device:
@@ -105,9 +131,9 @@ def barrier() -> None:
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
-    x = x.clone()
-    dist.all_reduce(x)
-    return x / world_size()
+    y = x.to(_collective_device(x), copy=True)
+    dist.all_reduce(y)
+    return (y / world_size()).to(x.device)
 
 
 def all_reduce_mean_dict(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -123,6 +149,6 @@ def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
     """Elementwise minimum over ranks (e.g. "is every rank's loss finite?")."""
     if world_size() == 1:
         return x
-    x = x.clone()
-    dist.all_reduce(x, op=dist.ReduceOp.MIN)
-    return x
+    y = x.to(_collective_device(x), copy=True)
+    dist.all_reduce(y, op=dist.ReduceOp.MIN)
+    return y.to(x.device)

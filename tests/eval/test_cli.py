@@ -30,6 +30,9 @@ def test_unknown_protocol_and_bad_override_are_one_line_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["eval", "nope", "--checkpoint", str(tmp_path)]) == 2
-    assert "available: davis, finetune, knn, linear, logreg, retrieval, robustness" in capsys.readouterr().err
+    assert (
+        "available: copydays, davis, finetune, knn, linear, logreg, retrieval, robustness"
+        in capsys.readouterr().err
+    )
     assert main(["eval", "knn", "--checkpoint", str(tmp_path), "kss=[20]"]) == 2
     assert "did you mean 'ks'" in capsys.readouterr().err

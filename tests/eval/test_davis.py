@@ -67,19 +67,24 @@ class ThresholdBackbone(nn.Module):
         return {"cls": feat.mean(1), "patch": feat}
 
 
-def make_davis(root: Path, n_frames: int = 3) -> None:
+def make_davis(root: Path, n_frames: int = 3, videos: tuple[str, ...] = ("toy",)) -> None:
+    """Videos of a bright 8x8 square moving right one patch per frame; videos after the first start
+    lower and add a static second object, so each video scores differently."""
     (root / "ImageSets" / "2017").mkdir(parents=True)
-    (root / "ImageSets" / "2017" / "val.txt").write_text("toy\n")
-    img_dir, ann_dir = root / "JPEGImages" / "480p" / "toy", root / "Annotations" / "480p" / "toy"
-    img_dir.mkdir(parents=True)
-    ann_dir.mkdir(parents=True)
-    for t in range(n_frames):
-        labels = np.zeros((32, 32), dtype=np.uint8)
-        labels[8:16, 4 + 4 * t : 12 + 4 * t] = 1  # 8x8 square moving right by one patch per frame
-        Image.fromarray(np.repeat(labels[..., None] * 255, 3, axis=2)).save(
-            img_dir / f"{t:05d}.jpg", quality=95
-        )
-        Image.frombytes("P", (32, 32), labels.tobytes()).save(ann_dir / f"{t:05d}.png")
+    (root / "ImageSets" / "2017" / "val.txt").write_text("".join(f"{v}\n" for v in videos))
+    for k, video in enumerate(videos):
+        img_dir, ann_dir = root / "JPEGImages" / "480p" / video, root / "Annotations" / "480p" / video
+        img_dir.mkdir(parents=True)
+        ann_dir.mkdir(parents=True)
+        for t in range(n_frames):
+            labels = np.zeros((32, 32), dtype=np.uint8)
+            labels[8 + 4 * k : 16 + 4 * k, 4 + 4 * t : 12 + 4 * t] = 1
+            if k > 0:
+                labels[26:31, 1:7] = 2
+            Image.fromarray(np.repeat((labels[..., None] > 0) * np.uint8(255), 3, axis=2)).save(
+                img_dir / f"{t:05d}.jpg", quality=95
+            )
+            Image.frombytes("P", (32, 32), labels.tobytes()).save(ann_dir / f"{t:05d}.png")
 
 
 def test_run_tracks_with_threshold_backbone(tmp_path: Path) -> None:

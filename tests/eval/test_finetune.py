@@ -4,8 +4,9 @@ import pytest
 import torch
 from timm.layers import DropPath
 
-from sopvit.eval.finetune import Classifier, FinetuneConfig, param_groups, run, set_drop_path
-from sopvit.eval.finetune_data import low_shot_indices
+from sopvit.eval.finetune import FinetuneConfig, run
+from sopvit.eval.finetune_model import Classifier, param_groups, set_drop_path
+from sopvit.eval.subsets import low_shot_indices
 from sopvit.models import create_backbone
 
 

@@ -4,8 +4,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from sopvit.eval.linear import LinearConfig, lars_sgd_step, run, standardise, train_linear_heads
+from sopvit.eval.cache import extract_dataset_features
+from sopvit.eval.linear import (
+    LinearConfig,
+    augmented_epochs,
+    lars_sgd_step,
+    run,
+    standardise,
+    train_linear_heads,
+)
 from sopvit.models import create_backbone
+
+CPU = torch.device("cpu")
 
 
 def test_lars_and_sgd_step_by_hand() -> None:
@@ -74,3 +84,31 @@ def test_run_on_fashion_mnist(tmp_path: Path, layers: str, val_fraction: float) 
     assert 0 <= out["linear_top1"] <= 100 and math.isfinite(out["linear_top1"])
     assert out["best_lr"] in (1e-3, 1e-1) and out["best_wd"] in (0.0, 1e-6) and out["best_is_lars"] in (0, 1)
     assert ("linear_val_top1" in out) == (val_fraction > 0)
+
+
+def test_augmented_epochs_are_fresh_views_and_reproducible() -> None:
+    torch.manual_seed(0)
+    backbone = create_backbone("vit_test", img_size=16, in_chans=1)
+    cfg = LinearConfig(layers="cls", image_size=16, limit=40, device="cpu", augment=True, seed=3)
+    clean, _ = extract_dataset_features(backbone, "fashion_mnist", None, "train", 16, 1, 64, 40, CPU, "cls")
+    epochs = augmented_epochs(backbone, cfg, clean)
+    first, second, again = epochs(0), epochs(1), augmented_epochs(backbone, cfg, clean)(0)
+    assert first.shape == clean.shape
+    assert not torch.allclose(first, second)  # a new crop of every image each epoch
+    torch.testing.assert_close(first, again)  # ... but the same crops when rerun with the seed
+    # standardised with the clean statistics: augmented views stay on the same scale
+    assert abs(float(first.mean())) < 0.5 and 0.5 < float(first.std()) < 2.0
+
+
+def test_augmented_run_and_its_config_checks(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    backbone = create_backbone("vit_test", img_size=16, in_chans=1)
+    cfg = LinearConfig(
+        layers="last2", lrs=(1e-2,), epochs=2, image_size=16, limit=100, device="cpu", augment=True
+    )
+    out = run(backbone, cfg)
+    assert 0 <= out["linear_top1"] <= 100
+    with pytest.raises(ValueError, match="val_fraction"):
+        LinearConfig(augment=True, val_fraction=0.1).validate()
+    with pytest.raises(ValueError, match="layers='last4' needs 4 blocks; this backbone has 2"):
+        run(backbone, LinearConfig(layers="last4", image_size=16, limit=10, device="cpu"))

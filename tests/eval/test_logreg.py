@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sopvit.eval.logreg import LogRegConfig, fit_logreg, fraction_subset, read_subset_file, run
+from sopvit.eval.logreg import LogRegConfig, fit_logreg, run
+from sopvit.eval.subsets import fraction_subset, read_subset_file
 from sopvit.models import create_backbone
 
 

@@ -61,19 +61,29 @@ def test_protocols() -> None:
     assert protocol_gnd(g, "hard") == [{"ok": [1], "junk": [2, 0]}]
 
 
-def test_run_on_tiny_dataset(tmp_path: Path) -> None:
+def make_retrieval(root: Path, n_db: int = 4, n_queries: int = 2) -> None:
+    """Random JPEGs of different heights under root/jpg and gnd_roxford5k.pkl; odd queries lack positives."""
     rng = np.random.default_rng(0)
-    (tmp_path / "jpg").mkdir()
-    names = [f"im{i}" for i in range(5)]
+    (root / "jpg").mkdir(parents=True)
+    names = [f"im{i}" for i in range(n_db + 1)]
     for i, name in enumerate(names):
         arr = rng.integers(0, 255, size=(24 + 4 * i, 40, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(tmp_path / "jpg" / f"{name}.jpg")
-    gnd = [
-        {"easy": [0], "hard": [1], "junk": [2], "bbx": [2.0, 2.0, 30.0, 20.0]},
-        {"easy": [], "hard": [], "junk": [3], "bbx": [0.0, 0.0, 16.0, 16.0]},
-    ]
-    with (tmp_path / "gnd_roxford5k.pkl").open("wb") as f:
-        pickle.dump({"imlist": names[:4], "qimlist": [names[4], names[0]], "gnd": gnd}, f)
+        Image.fromarray(arr).save(root / "jpg" / f"{name}.jpg")
+    gnd = []
+    for q in range(n_queries):
+        if q % 2 == 0:
+            gnd.append({"easy": [q % n_db], "hard": [(q + 1) % n_db], "bbx": [2.0, 2.0, 30.0, 20.0]})
+        else:
+            gnd.append({"easy": [], "hard": [], "bbx": [0.0, 0.0, 16.0, 16.0]})
+        gnd[-1]["junk"] = [(q + 2) % n_db]
+    # Query 0 is the one image outside the database; the others reuse database images.
+    queries = [names[(n_db + q) % (n_db + 1)] for q in range(n_queries)]
+    with (root / "gnd_roxford5k.pkl").open("wb") as f:
+        pickle.dump({"imlist": names[:n_db], "qimlist": queries, "gnd": gnd}, f)
+
+
+def test_run_on_tiny_dataset(tmp_path: Path) -> None:
+    make_retrieval(tmp_path)
     cfg = RetrievalConfig(root=str(tmp_path), image_size=32, scales=(1.0, 0.5), device="cpu")
     out = run(create_backbone("vit_test"), cfg)
     assert get_evaluator("retrieval").run is run

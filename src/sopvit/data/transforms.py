@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from PIL import Image
@@ -238,3 +239,29 @@ class EvalTransform:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, resize={self.resize}, in_chans={self.in_chans})"
+
+
+class SupervisedTrainTransform:
+    """Supervised training views (fine-tuning, augmented linear probe): random resized crop + flip +
+    RandAugment on uint8, then float + normalise.
+
+    RandAugment runs on uint8 before normalisation because its photometric ops (posterize, solarize,
+    equalize) are defined on [0, 255] pixels. ``__call__(PIL or uint8 (C, H, W)) -> float (C, size, size)``.
+    """
+
+    def __init__(
+        self, size: int, in_chans: int, randaug_n: int, randaug_m: int, crop_scale: tuple[float, float]
+    ) -> None:
+        self.in_chans = in_chans
+        mean, std = _default_stats(in_chans)
+        steps: list[v2.Transform] = [
+            v2.RandomResizedCrop(size, scale=crop_scale, antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+        if randaug_n > 0:
+            steps.append(v2.RandAugment(num_ops=randaug_n, magnitude=randaug_m))
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        self.pipeline = v2.Compose(steps)
+
+    def __call__(self, img: Image.Image | Tensor) -> Tensor:
+        return cast(Tensor, self.pipeline(to_uint8_chw(img, self.in_chans)))

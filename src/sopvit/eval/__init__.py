@@ -5,7 +5,7 @@ import importlib
 from sopvit.eval.registry import REGISTRY, Evaluator, get_evaluator, register
 
 # Importing a protocol's module registers it; the list is the suite.
-PROTOCOL_MODULES = ("knn", "linear", "logreg", "finetune", "retrieval", "davis", "robustness")
+PROTOCOL_MODULES = ("knn", "linear", "logreg", "finetune", "retrieval", "davis", "robustness", "copydays")
 
 
 def load_protocols() -> dict[str, Evaluator]:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from sopvit.config import check
 from sopvit.data.datasets import DATASET_NAMES, InMemoryDataset, build_dataset
 from sopvit.data.transforms import EvalTransform, MultiCropSpec
-from sopvit.distributed import all_gather_rows, all_reduce_min, barrier, is_main_process, rank, world_size
+from sopvit.distributed import all_reduce_min, barrier, gather_shards, is_main_process, shard
 from sopvit.eval.features import tensor_batches
 from sopvit.models import Backbone
 
@@ -107,6 +107,15 @@ def cached_features(
     return features, labels
 
 
+def feature_dim(backbone: Backbone, layers: str) -> int:
+    """Width of ``_forward``'s rows, known without a forward pass (a rank may hold no image)."""
+    if layers == "cls":
+        return backbone.embed_dim
+    if layers == "cls+avgpool":
+        return 2 * backbone.embed_dim
+    return int(layers[4:]) * backbone.embed_dim
+
+
 def _forward(backbone: Backbone, x: Tensor, layers: str) -> Tensor:
     if layers == "cls":
         return backbone(x)["cls"]
@@ -129,27 +138,33 @@ def extract_dataset_features(
     limit: int | None,
     device: torch.device,
     layers: str = "cls",
+    transform: Callable[[Any], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Raw float32 features (N, F) and labels (N,) of a split, in data-set order.
 
     layers: "cls" (final-normed [CLS]), "lastN" ([CLS] of the last N blocks, each final-normed,
     concatenated) or "cls+avgpool" ([CLS] + mean patch token of the last block).
+    transform: per-image preprocessing replacing the deterministic one (e.g. random crops for an
+    augmented linear probe); it must return normalised (C, image_size, image_size) tensors.
     """
     if not _LAYERS.match(layers):
         raise ValueError(f"layers must be 'cls', 'cls+avgpool' or 'lastN', got {layers!r}")
-    in_memory = dataset_name in ("fashion_mnist", "cifar10", "cifar100")
-    transform = None if in_memory else EvalTransform(image_size, in_chans=in_chans)
+    blocks = getattr(backbone.model, "blocks", None)
+    if layers.startswith("last") and blocks is not None and int(layers[4:]) > len(blocks):
+        raise ValueError(f"layers={layers!r} needs {layers[4:]} blocks; this backbone has {len(blocks)}")
+    in_memory = transform is None and dataset_name in ("fashion_mnist", "cifar10", "cifar100")
+    if transform is None and not in_memory:
+        transform = EvalTransform(image_size, in_chans=in_chans)
     ds = build_dataset(dataset_name, path, split, transform=transform, limit=limit)
     n = len(cast(Any, ds))
-    # strided shards: rank r takes r, r+W, ... so shard sizes differ by at most one
-    shard = torch.arange(rank(), n, world_size())
+    mine = torch.tensor(shard(n), dtype=torch.long)
     mean, std = MultiCropSpec(in_chans=in_chans).stats
     batches: Iterator[Tensor]
-    if isinstance(ds, InMemoryDataset):
-        batches = tensor_batches(ds.images[shard], batch_size, mean, std, image_size)
-        label_parts = [ds.labels[shard]]
+    if in_memory and isinstance(ds, InMemoryDataset):
+        batches = tensor_batches(ds.images[mine], batch_size, mean, std, image_size)
+        label_parts = [ds.labels[mine]]
     else:
-        sub = Subset(cast(Dataset[dict[str, Any]], ds), shard.tolist())
+        sub = Subset(cast(Dataset[dict[str, Any]], ds), mine.tolist())
         loader: DataLoader[dict[str, Any]] = DataLoader(sub, batch_size=batch_size, num_workers=2)
         label_parts = []
 
@@ -167,16 +182,11 @@ def extract_dataset_features(
         for x in batches:
             feats.append(_forward(backbone, x.to(device, non_blocking=True), layers).float())
     backbone.train(was_training)
-    local = torch.cat(feats) if feats else torch.empty(0, 0, device=device)
-    gathered = all_gather_rows(local).cpu()
-    labels = all_gather_rows(torch.cat(label_parts).long().to(device)).cpu()
-    # gathered rows are rank-major; put row i of rank r back at data-set index r + i * W
-    order = torch.cat([torch.arange(r, n, world_size()) for r in range(world_size())])
-    features = torch.empty_like(gathered)
-    features[order] = gathered
-    ordered_labels = torch.empty_like(labels)
-    ordered_labels[order] = labels
-    return features, ordered_labels
+    # a rank whose shard is empty (fewer images than ranks) still joins the gathers with (0, F) rows
+    local = torch.cat(feats) if feats else torch.empty(0, feature_dim(backbone, layers), device=device)
+    local_labels = torch.cat(label_parts) if label_parts else torch.empty(0, dtype=torch.long)
+    features = gather_shards(local, n).cpu()
+    return features, gather_shards(local_labels.long().to(device), n).cpu()
 
 
 def split_features(backbone: Backbone, cfg: EvalDataConfig, split: str, layers: str) -> tuple[Tensor, Tensor]:

@@ -8,12 +8,14 @@ Each frame's last-block patch features (L2-normalised) attend to the first frame
 previous frames; each target patch keeps its ``topk`` most similar source patches within a square
 window of ``size_mask_neighborhood`` patches, weighted by exp(cos / temperature), and averages their soft
 labels. Predictions are written as indexed PNGs under ``output_dir/<video>/``. Scores are percentages
-in [0, 100]; as in davis2017-evaluation the first and last frames are not scored.
+in [0, 100]; as in davis2017-evaluation the first and last frames are not scored. Under torchrun each
+rank tracks a strided share of the videos and the per-object scores are gathered, so all ranks agree.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,9 @@ from PIL import Image
 
 from sopvit.config.coerce import check
 from sopvit.data.transforms import MultiCropSpec
-from sopvit.eval.davis_metrics import boundary_f, jf_mean, region_similarity
+from sopvit.distributed import all_gather_rows, shard
+from sopvit.eval.cache import resolve_device
+from sopvit.eval.davis_metrics import boundary_f, global_means, object_mean, region_similarity
 from sopvit.eval.registry import register
 from sopvit.models import Backbone
 
@@ -127,7 +131,9 @@ def frame_features(backbone: Backbone, path: Path, cfg: DavisConfig, device: tor
     arr = np.asarray(img.resize(size, Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
     mean, std = MultiCropSpec(in_chans=3).stats
     x = (torch.from_numpy(arr.copy()) - torch.tensor(mean)) / torch.tensor(std)
-    out = backbone(x.permute(2, 0, 1).unsqueeze(0).to(device))["patch"][0].float()
+    bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with bf16:
+        out = backbone(x.permute(2, 0, 1).unsqueeze(0).to(device))["patch"][0].float()
     return F.normalize(out, dim=-1)  # stays on device: propagation is the costly part
 
 
@@ -179,6 +185,45 @@ def _write_indexed(path: Path, labels: np.ndarray, palette: np.ndarray) -> None:
     img.save(path)
 
 
+def _video_frames(root: Path, video: str) -> list[Path]:
+    frames = sorted((root / "JPEGImages" / "480p" / video).glob("*.jpg"))
+    if len(frames) < 2:
+        raise ValueError(f"{root / 'JPEGImages' / '480p' / video}: need at least 2 .jpg frames")
+    first_ann = root / "Annotations" / "480p" / video / f"{frames[0].stem}.png"
+    if not first_ann.is_file():
+        raise FileNotFoundError(f"annotation not found: {first_ann}")
+    return frames
+
+
+def score_video(
+    backbone: Backbone, root: Path, video: str, frames: list[Path], cfg: DavisConfig, device: torch.device
+) -> list[tuple[float, float]]:
+    """Track one video, write its PNGs under ``output_dir/<video>/``; (J, F) mean of each object."""
+    ann_dir = root / "Annotations" / "480p" / video
+    first = _read_labels(ann_dir / f"{frames[0].stem}.png")
+    preds = track_video(backbone, frames, first, cfg, device)
+    out_dir = Path(cfg.output_dir) / video
+    out_dir.mkdir(parents=True, exist_ok=True)
+    palette = davis_palette()
+    for path, labels in zip(frames, [first, *preds], strict=True):
+        _write_indexed(out_dir / f"{path.stem}.png", labels, palette)
+    # davis2017-evaluation scores frames 1..n-2; two-frame videos keep their only predicted frame.
+    scored = list(zip(frames[1:], preds, strict=True))
+    scored = scored[:-1] if len(scored) > 1 else scored
+    objects = []
+    for obj in range(1, int(first.max()) + 1):
+        j_obj, f_obj = [], []
+        for path, pred in scored:
+            gt_path = ann_dir / f"{path.stem}.png"
+            if not gt_path.is_file():
+                continue  # unannotated frame: not scored
+            gt = _read_labels(gt_path) == obj
+            j_obj.append(region_similarity(pred == obj, gt))
+            f_obj.append(boundary_f(pred == obj, gt))
+        objects.append((object_mean(j_obj), object_mean(f_obj)))
+    return objects
+
+
 @register("davis", DavisConfig, "DAVIS-2017 video segmentation by label propagation (J&F)")
 def run(backbone: Backbone, cfg: DavisConfig) -> dict[str, float]:
     cfg.validate()
@@ -189,46 +234,21 @@ def run(backbone: Backbone, cfg: DavisConfig) -> dict[str, float]:
     videos = [v.strip() for v in list_file.read_text().splitlines() if v.strip()]
     if not videos:
         raise ValueError(f"{list_file} lists no videos")
-    device = (
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if cfg.device == "auto"
-        else torch.device(cfg.device)
-    )
+    # Every rank checks every video before tracking: a rank failing alone would leave the others waiting.
+    frames = [_video_frames(root, v) for v in videos]
+    device = resolve_device(cfg.device)
     backbone = backbone.to(device).eval()
-    palette = davis_palette()
-    j_all: list[list[float]] = []
-    f_all: list[list[float]] = []
-    for video in videos:
-        frames = sorted((root / "JPEGImages" / "480p" / video).glob("*.jpg"))
-        if len(frames) < 2:
-            raise ValueError(f"{root / 'JPEGImages' / '480p' / video}: need at least 2 .jpg frames")
-        ann_dir = root / "Annotations" / "480p" / video
-        first = _read_labels(ann_dir / f"{frames[0].stem}.png")
-        preds = track_video(backbone, frames, first, cfg, device)
-        out_dir = Path(cfg.output_dir) / video
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_indexed(out_dir / f"{frames[0].stem}.png", first, palette)
-        for path, pred in zip(frames[1:], preds, strict=True):
-            _write_indexed(out_dir / f"{path.stem}.png", pred, palette)
-        # davis2017-evaluation scores frames 1..n-2; two-frame videos keep their only predicted frame.
-        scored = list(zip(frames[1:], preds, strict=True))
-        scored = scored[:-1] if len(scored) > 1 else scored
-        for obj in range(1, int(first.max()) + 1):
-            j_obj, f_obj = [], []
-            for path, pred in scored:
-                gt_path = ann_dir / f"{path.stem}.png"
-                if not gt_path.is_file():
-                    continue  # unannotated frame: not scored
-                gt = _read_labels(gt_path) == obj
-                j_obj.append(region_similarity(pred == obj, gt))
-                f_obj.append(boundary_f(pred == obj, gt))
-            j_all.append(j_obj)
-            f_all.append(f_obj)
-    if not j_all:
+    # Videos are independent: rank r tracks videos r, r+W, ... and sends one (video, J, F) row per object.
+    rows = [
+        (float(i), j, f)
+        for i in shard(len(videos))
+        for j, f in score_video(backbone, root, videos[i], frames[i], cfg, device)
+    ]
+    local = torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)  # float64: means stay bit-exact
+    gathered = all_gather_rows(local.to(device)).cpu()
+    # Stable sort by video restores the single-process object order (a video's rows arrive together).
+    gathered = gathered[torch.sort(gathered[:, 0], stable=True).indices]
+    if not len(gathered):
         raise ValueError(f"no objects found in the first-frame annotations under {root / 'Annotations'}")
-    m = jf_mean(j_all, f_all)
-    return {
-        "davis_jf_mean": 100 * m["jf_mean"],
-        "davis_j_mean": 100 * m["j_mean"],
-        "davis_f_mean": 100 * m["f_mean"],
-    }
+    m = global_means(gathered[:, 1].tolist(), gathered[:, 2].tolist())
+    return {f"davis_{k}": 100 * m[k] for k in ("jf_mean", "j_mean", "f_mean")}

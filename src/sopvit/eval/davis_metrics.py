@@ -87,6 +87,22 @@ def boundary_f(pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008) -> flo
     return 2 * precision * recall / (precision + recall)
 
 
+def object_mean(scores: Sequence[float]) -> float:
+    """One object's mean over its scored frames (NaN frames skipped); NaN when it has none."""
+    return float(np.nanmean(np.asarray(scores, dtype=np.float64))) if len(scores) else math.nan
+
+
+def global_means(j_obj: Sequence[float], f_obj: Sequence[float]) -> dict[str, float]:
+    """``jf_mean`` from per-object means (``object_mean``), so ranks can exchange one row per object."""
+    if len(j_obj) != len(f_obj):
+        raise ValueError(f"J has {len(j_obj)} objects, F has {len(f_obj)}")
+    if not len(j_obj):
+        raise ValueError("jf_mean needs at least one object")
+    j_mean = float(np.nanmean(np.asarray(j_obj, dtype=np.float64)))
+    f_mean = float(np.nanmean(np.asarray(f_obj, dtype=np.float64)))
+    return {"j_mean": j_mean, "f_mean": f_mean, "jf_mean": (j_mean + f_mean) / 2}
+
+
 def jf_mean(j: Sequence[Sequence[float]], f: Sequence[Sequence[float]]) -> dict[str, float]:
     """DAVIS "Global" means: average each object's per-frame scores, then average over objects.
 
@@ -95,9 +111,4 @@ def jf_mean(j: Sequence[Sequence[float]], f: Sequence[Sequence[float]]) -> dict[
     """
     if len(j) != len(f):
         raise ValueError(f"J has {len(j)} objects, F has {len(f)}")
-    if not j:
-        raise ValueError("jf_mean needs at least one object")
-    j_obj = [float(np.nanmean(np.asarray(x, dtype=np.float64))) if len(x) else math.nan for x in j]
-    f_obj = [float(np.nanmean(np.asarray(x, dtype=np.float64))) if len(x) else math.nan for x in f]
-    j_mean, f_mean = float(np.nanmean(j_obj)), float(np.nanmean(f_obj))
-    return {"j_mean": j_mean, "f_mean": f_mean, "jf_mean": (j_mean + f_mean) / 2}
+    return global_means([object_mean(x) for x in j], [object_mean(x) for x in f])

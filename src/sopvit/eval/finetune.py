@@ -5,30 +5,35 @@ epochs, batch 1024, AdamW, layer-wise lr decay 0.65, weight decay 0.05, drop pat
 cutmix 1.0, label smoothing 0.1, RandAugment(2, 9). The defaults below are sized for small CPU data
 (10 epochs, 1 warm-up, batch 64); set ``epochs: 100`` etc. to reproduce. The 1%/10% semi-supervised
 numbers are the same protocol on a labelled subset of train (``subset_file`` / ``subset_fraction``).
+
+Under torchrun the model is wrapped in DistributedDataParallel: ``train_batch_size`` is per process,
+the lr scales with the global batch, and the test set is sharded for evaluation.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sized
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from timm.data import Mixup
-from timm.layers import DropPath
 from timm.loss import SoftTargetCrossEntropy
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from sopvit.config import check
 from sopvit.data.datasets import build_dataset
-from sopvit.data.transforms import EvalTransform
+from sopvit.data.transforms import EvalTransform, SupervisedTrainTransform
+from sopvit.distributed import all_gather_rows, all_reduce_min, rank, shard, world_size
 from sopvit.eval.cache import EvalDataConfig, resolve_device
-from sopvit.eval.finetune_data import FinetuneTrainTransform, dataset_labels, low_shot_indices
-from sopvit.eval.logreg import check_subset
+from sopvit.eval.finetune_model import Classifier, param_groups, set_drop_path
 from sopvit.eval.registry import register
+from sopvit.eval.subsets import check_subset, dataset_labels, low_shot_indices, split_paths
 from sopvit.models import Backbone
 
 
@@ -36,7 +41,7 @@ from sopvit.models import Backbone
 class FinetuneConfig(EvalDataConfig):
     epochs: int = 10  # paper: 100
     warmup_epochs: float = 1.0  # paper: 20 (BEiT ViT-B)
-    train_batch_size: int = 64  # paper: 1024
+    train_batch_size: int = 64  # per process; paper: 1024 in all
     lr: float = 5e-4  # per 256 images: the applied peak lr is lr * train_batch_size / 256
     min_lr: float = 1e-6
     layer_decay: float = 0.65  # block i (0-based) gets lr * decay ** (depth - i); embeddings the smallest
@@ -49,7 +54,7 @@ class FinetuneConfig(EvalDataConfig):
     randaug_m: int = 9
     crop_scale_min: float = 0.08
     num_workers: int = 2
-    subset_file: str | None = None  # semi-supervised: train-split indices, one per line (the 1% list)
+    subset_file: str | None = None  # semi-supervised: indices or file names, one per line (1% list)
     subset_fraction: float | None = None  # semi-supervised: class-balanced fraction drawn with `seed`
     seed: int = 0
 
@@ -73,75 +78,6 @@ class FinetuneConfig(EvalDataConfig):
         check_subset(self.subset_file, self.subset_fraction)
 
 
-class Classifier(nn.Module):
-    """Backbone + linear head on the final-normed [CLS]."""
-
-    def __init__(self, backbone: Backbone, n_classes: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(backbone.embed_dim, n_classes)
-        # tiny init (MAE/BEiT): the randomly initialised head barely perturbs the pre-trained features
-        nn.init.trunc_normal_(self.head.weight, std=2e-5)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.backbone(x)["cls"])
-
-
-def vit_blocks(backbone: Backbone) -> list[nn.Module]:
-    blocks = getattr(backbone.model, "blocks", None)
-    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
-        raise ValueError(f"backbone: expected a timm ViT with .blocks, got {type(backbone.model).__name__}")
-    return list(blocks)
-
-
-def layer_id(name: str, depth: int) -> int:
-    """0 for embeddings/tokens, i + 1 for ``blocks.i``, depth + 1 for the final norm and the head."""
-    parts = name.split(".")
-    if "blocks" in parts:
-        return int(parts[parts.index("blocks") + 1]) + 1
-    if parts[-1] in ("cls_token", "pos_embed", "reg_token", "mask_token") or "patch_embed" in parts:
-        return 0
-    return depth + 1
-
-
-def param_groups(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups keyed by (layer, decay?); each carries ``lr_scale = layer_decay ** (depth + 1 - id)``."""
-    depth = len(vit_blocks(model.backbone))
-    no_wd = {f"backbone.{k}" for k in model.backbone.no_weight_decay_keys()}
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lid = layer_id(name, depth)
-        decay = p.ndim > 1 and name not in no_wd  # biases and norm scales are 1-D
-        group = groups.setdefault(
-            (lid, decay),
-            {
-                "params": [],
-                "weight_decay": weight_decay if decay else 0.0,
-                "lr_scale": layer_decay ** (depth + 1 - lid),
-            },
-        )
-        group["params"].append(p)
-    return list(groups.values())
-
-
-def set_drop_path(backbone: Backbone, rate: float) -> list[float]:
-    """Stochastic depth rising linearly from 0 (first block) to ``rate`` (last); returns the rates."""
-    blocks = vit_blocks(backbone)
-    rates = torch.linspace(0, rate, len(blocks)).tolist() if len(blocks) > 1 else [rate]
-    for block, r in zip(blocks, rates, strict=True):
-        for attr in ("drop_path1", "drop_path2"):
-            module = getattr(block, attr, None)
-            if isinstance(module, DropPath):
-                module.drop_prob = r
-            elif module is not None and r > 0:
-                # timm builds nn.Identity for rate 0; swapping it is equivalent to a rebuild
-                setattr(block, attr, DropPath(r))
-    return rates
-
-
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -159,7 +95,9 @@ def evaluate(model: nn.Module, loader: DataLoader[dict[str, Any]], device: torch
             logits = model(batch["image"].to(device, non_blocking=True))
             correct += int((logits.argmax(-1).cpu() == torch.as_tensor(batch["label"])).sum())
             seen += len(batch["label"])
-    return 100.0 * correct / max(seen, 1)
+    # every rank evaluated its shard of the test set
+    totals = all_gather_rows(torch.tensor([[correct, seen]], device=device)).sum(0)
+    return 100.0 * float(totals[0]) / max(float(totals[1]), 1.0)
 
 
 def _native_resize(cfg: FinetuneConfig) -> int | None:
@@ -173,7 +111,7 @@ def run(backbone: Backbone, cfg: FinetuneConfig) -> dict[str, float]:
         raise ValueError(f"backbone: fine-tuning supports ViT backbones, got {backbone.kind!r}")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    train_tf = FinetuneTrainTransform(
+    train_tf = SupervisedTrainTransform(
         cfg.image_size, cfg.in_chans, cfg.randaug_n, cfg.randaug_m, (cfg.crop_scale_min, 1.0)
     )
     train_ds = build_dataset(cfg.dataset, cfg.path, cfg.train_split, transform=train_tf, limit=cfg.limit)
@@ -188,23 +126,41 @@ def run(backbone: Backbone, cfg: FinetuneConfig) -> dict[str, float]:
     )
     labels = dataset_labels(train_ds)
     n_classes = int(max(labels.max(), dataset_labels(test_ds).max())) + 1
-    subset = low_shot_indices(labels, cfg.subset_file, cfg.subset_fraction, cfg.seed)
+    names = split_paths(cfg.dataset, cfg.path, cfg.train_split, cfg.limit)
+    subset = low_shot_indices(labels, cfg.subset_file, cfg.subset_fraction, cfg.seed, names)
     train_sub = Subset(train_ds, subset.tolist())
+    world = world_size()
     # drop_last keeps every batch even-sized (timm Mixup pairs samples) unless the subset is tiny
-    batch = min(cfg.train_batch_size, len(train_sub))
+    batch = min(cfg.train_batch_size, len(train_sub) // world)
+    if batch < 1:
+        raise ValueError(f"subset: {len(train_sub)} training images cannot feed {world} processes")
+    sampler: DistributedSampler[dict[str, Any]] | None = None
+    if world > 1:
+        sampler = DistributedSampler(train_sub, shuffle=True, seed=cfg.seed, drop_last=True)
     train_loader: DataLoader[dict[str, Any]] = DataLoader(
-        train_sub, batch_size=batch, shuffle=True, drop_last=True, num_workers=cfg.num_workers
+        train_sub,
+        batch_size=batch,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.num_workers,
     )
     test_loader: DataLoader[dict[str, Any]] = DataLoader(
-        test_ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers
+        Subset(test_ds, list(shard(len(cast(Sized, test_ds))))),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
     )
 
     # never touch the caller's weights: all changes (drop path, training) happen on a copy
     net = copy.deepcopy(backbone).requires_grad_(True)  # a pre-training teacher arrives frozen
+    net.mask_token.requires_grad_(False)  # masked modelling only: DDP must not wait for its gradient
     set_drop_path(net, cfg.drop_path)
     model = Classifier(net, n_classes).to(device)
+    ids = [device.index] if device.type == "cuda" else None
+    trained = DistributedDataParallel(model, device_ids=ids) if world > 1 else model
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+    torch.manual_seed(cfg.seed + rank())  # same head init everywhere, own mixing and drop-path draws
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     mixer = (
         Mixup(
@@ -221,13 +177,15 @@ def run(backbone: Backbone, cfg: FinetuneConfig) -> dict[str, float]:
     # timm's Mixup already smooths its soft targets; without mixing, smoothing is the loss's job
     smooth = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     criterion: nn.Module = SoftTargetCrossEntropy() if mixing else smooth
-    peak = cfg.lr * batch / 256  # the linear scaling rule
+    peak = cfg.lr * batch * world / 256  # the linear scaling rule, on the global batch
     steps_per_epoch = len(train_loader)
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     step = 0
-    for _ in range(cfg.epochs):
-        model.train()
+    for epoch in range(cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        trained.train()
         for b in train_loader:
             x, y = b["image"].to(device, non_blocking=True), torch.as_tensor(b["label"]).to(device)
             if mixer is not None:
@@ -240,8 +198,9 @@ def run(backbone: Backbone, cfg: FinetuneConfig) -> dict[str, float]:
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             with bf16:
-                loss = criterion(model(x).float(), target)
-            if not torch.isfinite(loss):
+                loss = criterion(trained(x).float(), target)
+            # decided together: one rank raising alone would leave the others waiting in backward
+            if not bool(all_reduce_min(torch.isfinite(loss.detach()).float())):
                 raise ValueError(f"lr: fine-tuning loss became {float(loss)} at step {step}; lower the lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()

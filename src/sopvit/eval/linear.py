@@ -4,11 +4,16 @@ DINO/iBOT probe ViT-S with the [CLS] of the last 4 blocks and ViT-B with [CLS] +
 report the best of a learning-rate sweep. Because the features are frozen they are extracted once
 (and cached); every (lr, optimizer, weight decay) head is one slice of a (H, F, C) weight tensor, so
 the sweep costs a single batched matmul per step instead of H training runs.
+
+``augment: true`` is DINO's protocol: every epoch sees new random-resized-crop + flip views of the train
+images, so the backbone runs once per epoch (sharded over ranks). The default trains on the features
+of the unaugmented images, extracted once and cached: ~epochs times cheaper, typically a little lower.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sopvit.config import check
-from sopvit.eval.cache import EvalDataConfig, resolve_device, split_features
+from sopvit.data.transforms import SupervisedTrainTransform
+from sopvit.distributed import rank
+from sopvit.eval.cache import EvalDataConfig, extract_dataset_features, resolve_device, split_features
 from sopvit.eval.registry import register
 from sopvit.models import Backbone
 
@@ -33,6 +40,8 @@ class LinearConfig(EvalDataConfig):
     epochs: int = 100
     train_batch_size: int = 1024
     val_fraction: float = 0.0  # >0: pick the head on a held-out part of train; 0: on test (DINO's habit)
+    augment: bool = False  # new random crops + flips of train every epoch (DINO); False: precomputed
+    crop_scale_min: float = 0.08  # augment: RandomResizedCrop scale range (crop_scale_min, 1)
     seed: int = 0
 
     def validate(self) -> None:
@@ -45,12 +54,49 @@ class LinearConfig(EvalDataConfig):
         check(self.epochs >= 1, "epochs", "must be >= 1")
         check(self.train_batch_size >= 1, "train_batch_size", "must be >= 1")
         check(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
+        check(0 < self.crop_scale_min <= 1, "crop_scale_min", "must be in (0, 1]")
+        check(not (self.augment and self.val_fraction > 0), "val_fraction", "must be 0 with augment")
+
+
+def feature_stats(train: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and std (N, F) -> (F,), (F,) of the train set."""
+    return train.mean(0), train.std(0, correction=0).clamp_min(1e-6)
 
 
 def standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
     """Scale every feature to zero mean / unit std of the train set (a frozen BatchNorm, without the BN)."""
-    mean, std = train.mean(0), train.std(0, correction=0).clamp_min(1e-6)
+    mean, std = feature_stats(train)
     return [(t - mean) / std for t in (train, *others)]
+
+
+def augmented_epochs(backbone: Backbone, cfg: LinearConfig, clean_train: Tensor) -> Callable[[int], Tensor]:
+    """``epoch -> (N, F)`` standardised features of fresh random crops + flips of the train split.
+
+    Standardised with the statistics of the unaugmented features so every epoch shares one scale.
+    """
+    mean, std = feature_stats(clean_train)
+    transform = SupervisedTrainTransform(cfg.image_size, cfg.in_chans, 0, 0, (cfg.crop_scale_min, 1.0))
+    device = resolve_device(cfg.device)
+
+    def features(epoch: int) -> Tensor:
+        # seeds the loader's augmentation: reruns see the same views; ranks draw different ones
+        torch.manual_seed(cfg.seed * 100_003 + epoch * 1009 + rank())
+        x, _ = extract_dataset_features(
+            backbone,
+            cfg.dataset,
+            cfg.path,
+            cfg.train_split,
+            cfg.image_size,
+            cfg.in_chans,
+            cfg.batch_size,
+            cfg.limit,
+            device,
+            cfg.layers,
+            transform=transform,
+        )
+        return ((x - mean) / std).to(device)
+
+    return features
 
 
 @torch.no_grad()
@@ -97,8 +143,12 @@ def train_linear_heads(
     y: Tensor,
     n_classes: int,
     cfg: LinearConfig,
+    epoch_features: Callable[[int], Tensor] | None = None,
 ) -> LinearHeads:
-    """SGD/LARS heads for every (lr, optimizer, wd) of ``cfg``, trained together on (x, y) with cosine lr."""
+    """SGD/LARS heads for every (lr, optimizer, wd) of ``cfg``, trained together on (x, y) with cosine lr.
+
+    ``epoch_features(e)``, when given, replaces ``x`` (N, F) in epoch ``e`` (augmented views, same order).
+    """
     grid = [(lr, opt, wd) for lr in cfg.lrs for opt in cfg.optimizers for wd in cfg.weight_decays]
     dev = x.device
     # float64 copies so the reported winner is exactly the configured value, not its float32 rounding
@@ -116,7 +166,9 @@ def train_linear_heads(
     total = cfg.epochs * steps_per_epoch
     no_wd, no_lars = torch.zeros_like(wd), torch.zeros_like(is_lars)
     step = 0
-    for _ in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
+        if epoch_features is not None:
+            x = epoch_features(epoch)
         perm = torch.randperm(x.shape[0], generator=gen).to(dev)
         for s in range(0, x.shape[0], cfg.train_batch_size):
             idx = perm[s : s + cfg.train_batch_size]
@@ -151,8 +203,9 @@ def run(backbone: Backbone, cfg: LinearConfig) -> dict[str, float]:
         val = train_x[perm[:n_val]], train_y[perm[:n_val]]
         train_x, train_y = train_x[perm[n_val:]], train_y[perm[n_val:]]
     others = [test_x] if val is None else [test_x, val[0]]
+    epochs = augmented_epochs(backbone, cfg, train_x) if cfg.augment else None
     train_x, *rest = (t.to(device) for t in standardise(train_x, *others))
-    heads = train_linear_heads(train_x, train_y.to(device), n_classes, cfg)
+    heads = train_linear_heads(train_x, train_y.to(device), n_classes, cfg, epochs)
     test_acc = heads.accuracies(rest[0], test_y.to(device))
     out: dict[str, float] = {}
     if val is None:

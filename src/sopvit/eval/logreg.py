@@ -7,7 +7,6 @@ scale does not depend on the data-set size; a larger ``c`` means weaker regulari
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -18,17 +17,8 @@ from sopvit.config import check
 from sopvit.eval.cache import EvalDataConfig, resolve_device, split_features
 from sopvit.eval.linear import standardise
 from sopvit.eval.registry import register
+from sopvit.eval.subsets import check_subset, low_shot_indices, split_paths
 from sopvit.models import Backbone
-
-
-def check_subset(subset_file: str | None, subset_fraction: float | None) -> None:
-    """Validation shared by the low-shot protocols (logreg, finetune)."""
-    check(subset_fraction is None or 0 < subset_fraction <= 1, "subset_fraction", "must be in (0, 1]")
-    check(
-        subset_file is None or subset_fraction is None,
-        "subset_file",
-        "give subset_file or subset_fraction, not both",
-    )
 
 
 @dataclass
@@ -36,7 +26,7 @@ class LogRegConfig(EvalDataConfig):
     layers: str = "cls"
     c: float = 1.0  # inverse regularisation strength (scikit-learn's C)
     max_iter: int = 1000
-    subset_file: str | None = None  # low-shot: train-split indices, one per line (e.g. the 1% list)
+    subset_file: str | None = None  # low-shot: indices or file names, one per line (the 1% list)
     subset_fraction: float | None = None  # low-shot: keep this fraction of each class, drawn with `seed`
     seed: int = 0
 
@@ -46,34 +36,6 @@ class LogRegConfig(EvalDataConfig):
         check(self.c > 0, "c", "must be > 0")
         check(self.max_iter >= 1, "max_iter", "must be >= 1")
         check_subset(self.subset_file, self.subset_fraction)
-
-
-def read_subset_file(path: str, n: int) -> Tensor:
-    """Indices (one int per line, blank lines ignored) into a split of ``n`` samples."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"subset_file {path!r} does not exist")
-    with open(path) as f:
-        lines = [line.strip() for line in f if line.strip()]
-    try:
-        idx = torch.tensor([int(line) for line in lines], dtype=torch.long)
-    except ValueError as exc:
-        raise ValueError(f"subset_file {path!r}: every line must be an integer index ({exc})") from exc
-    if idx.numel() == 0:
-        raise ValueError(f"subset_file {path!r} lists no indices")
-    if int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise ValueError(f"subset_file {path!r}: indices must be in [0, {n}), got [{idx.min()}, {idx.max()}]")
-    return idx.unique()
-
-
-def fraction_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
-    """Sorted indices of a class-balanced ``fraction`` of the samples (at least one per class)."""
-    gen = torch.Generator().manual_seed(seed)
-    keep = []
-    for cls in labels.unique().tolist():
-        members = (labels == cls).nonzero().flatten()
-        k = max(1, round(fraction * members.numel()))
-        keep.append(members[torch.randperm(members.numel(), generator=gen)[:k]])
-    return torch.cat(keep).sort().values
 
 
 def fit_logreg(x: Tensor, y: Tensor, n_classes: int, c: float, max_iter: int = 1000) -> tuple[Tensor, Tensor]:
@@ -103,12 +65,8 @@ def run(backbone: Backbone, cfg: LogRegConfig) -> dict[str, float]:
     train_x, train_y = split_features(backbone, cfg, cfg.train_split, cfg.layers)
     test_x, test_y = split_features(backbone, cfg, cfg.test_split, cfg.layers)
     n_classes = int(max(train_y.max(), test_y.max())) + 1
-    if cfg.subset_file is not None:
-        subset = read_subset_file(cfg.subset_file, train_x.shape[0])
-    elif cfg.subset_fraction is not None:
-        subset = fraction_subset(train_y, cfg.subset_fraction, cfg.seed)
-    else:
-        subset = torch.arange(train_x.shape[0])
+    names = split_paths(cfg.dataset, cfg.path, cfg.train_split, cfg.limit)
+    subset = low_shot_indices(train_y, cfg.subset_file, cfg.subset_fraction, cfg.seed, names)
     train_x, train_y = train_x[subset], train_y[subset]
     # statistics of the labelled subset only: the low-shot learner sees nothing else of the train split
     train_x, test_x = (t.to(device) for t in standardise(train_x, test_x))

@@ -6,13 +6,15 @@ and ``gnd``, a list of per-query dicts with ``easy``, ``hard``, ``junk`` index l
 
 Features are the [CLS] token averaged over several rescaled copies of each image, then L2-normalised;
 queries are cropped to their bounding box first. Scores are cosine similarities. Reported numbers are
-percentages in [0, 100] (mAP and mean precision at k), as in the papers' tables.
+percentages in [0, 100] (mAP and mean precision at k), as in the papers' tables. Under torchrun each
+rank extracts a strided share of the images; the gathered features, hence the scores, match one process.
 """
 
 from __future__ import annotations
 
 import pickle
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sopvit import distributed
 from sopvit.config.coerce import check
 from sopvit.data.transforms import MultiCropSpec
+from sopvit.eval.cache import resolve_device
 from sopvit.eval.registry import register
 from sopvit.models import Backbone
 
@@ -144,22 +148,37 @@ def _resized(img: Image.Image, longer: float, patch: int) -> Image.Image:
 def multiscale_feature(
     backbone: Backbone, img: Image.Image, cfg: RetrievalConfig, device: torch.device
 ) -> torch.Tensor:
-    """L2-normalised mean of the [CLS] features of ``img`` rescaled to every scale in ``cfg.scales``."""
+    """L2-normalised mean of the [CLS] features of ``img`` rescaled to every scale in ``cfg.scales``.
+
+    One image per forward pass: every image and scale has its own size (aspect kept, longer side
+    ``image_size * scale``), as in the standard protocol, so batching would need padding or cropping.
+    """
     mean, std = MultiCropSpec(in_chans=3).stats
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
     feat = torch.zeros(backbone.embed_dim, device=device)
+    bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     for scale in cfg.scales:
         arr = np.asarray(_resized(img, cfg.image_size * scale, backbone.patch_size), dtype=np.float32)
         x = torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).to(device) / 255.0
-        feat += backbone((x - m) / s)["cls"][0].float()
-    return F.normalize(feat / len(cfg.scales), dim=0).cpu()
+        with bf16:
+            feat += backbone((x - m) / s)["cls"][0].float()
+    return F.normalize(feat / len(cfg.scales), dim=0)
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@torch.inference_mode()
+def sharded_features(
+    backbone: Backbone,
+    images: Sequence[tuple[Path, Sequence[float] | None]],
+    cfg: RetrievalConfig,
+    device: torch.device,
+) -> torch.Tensor:
+    """(N, D) features of ``images`` (path, optional box) in order; rank r extracts r, r+W, ... only."""
+    mine = [images[i] for i in distributed.shard(len(images))]
+    local = [multiscale_feature(backbone, _load_image(p, b), cfg, device) for p, b in mine]
+    # A rank with no image (fewer images than ranks) still joins the gather, with (0, D) rows.
+    rows = torch.stack(local) if local else torch.empty(0, backbone.embed_dim, device=device)
+    return distributed.gather_shards(rows, len(images)).cpu()
 
 
 def load_gnd(root: Path, dataset: str) -> dict[str, Any]:
@@ -181,18 +200,20 @@ def run(backbone: Backbone, cfg: RetrievalConfig) -> dict[str, float]:
     cfg.validate()
     root = Path(cfg.root)
     meta = load_gnd(root, cfg.dataset)
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     backbone = backbone.to(device).eval()
     jpg = root / "jpg"
-    db = torch.stack(
-        [multiscale_feature(backbone, _load_image(jpg / f"{n}.jpg"), cfg, device) for n in meta["imlist"]]
-    )
-    queries = torch.stack(
-        [
-            multiscale_feature(backbone, _load_image(jpg / f"{n}.jpg", g.get("bbx")), cfg, device)
-            for n, g in zip(meta["qimlist"], meta["gnd"], strict=True)
-        ]
-    )
+    db_images = [(jpg / f"{n}.jpg", None) for n in meta["imlist"]]
+    q_images = [(jpg / f"{n}.jpg", g.get("bbx")) for n, g in zip(meta["qimlist"], meta["gnd"], strict=True)]
+    # Checked on every rank before any collective: a rank failing alone would leave the others waiting.
+    missing = [str(p) for p, _ in [*db_images, *q_images] if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} retrieval image(s) not found, e.g. {missing[0]}")
+    for path, bbx in q_images:
+        if bbx is not None and len(bbx) != 4:
+            raise ValueError(f"bbx of {path} must be [x1, y1, x2, y2], got {list(bbx)}")
+    db = sharded_features(backbone, db_images, cfg, device)
+    queries = sharded_features(backbone, q_images, cfg, device)
     scores = (db @ queries.T).numpy()  # (n_db, n_q)
     ranks = np.argsort(-scores, axis=0, kind="stable")
     prefix = _PREFIX[cfg.dataset]
