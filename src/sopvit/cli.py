@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -104,7 +106,16 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"{evaluator.name}: {evaluator.summary}")
     for key, value in result.items():
         print(f"  {key:<{width}}  {value:.4g}")
-    print(json.dumps({"eval": evaluator.name, "checkpoint": str(args.checkpoint), **result}))
+    line = {"eval": evaluator.name, "checkpoint": str(args.checkpoint), **result}
+    print(json.dumps(line))
+    if args.json:
+        # the resolved settings travel with the numbers, so a result file alone says how it was made
+        record = {**line, "config": dataclasses.asdict(cfg)}
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2, default=str)
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -154,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a backbone: knn, linear, logreg, finetune, davis, ...")
     ev.add_argument("name", help="protocol name")
     ev.add_argument("--checkpoint", required=True, help="run directory, checkpoint.pt or an export")
-    ev.add_argument("--config", help="YAML with the protocol's settings")
+    ev.add_argument("--config", help="YAML with the protocol's settings (see configs/eval/)")
+    ev.add_argument("--json", help="also write the result and the resolved settings to this file")
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dataset=fashion_mnist ks=[20]")
     ev.set_defaults(func=_eval)
     d = sub.add_parser("demo", help="pre-train on Fashion-MNIST on the CPU and report k-NN before/after")

@@ -22,8 +22,13 @@ def test_eval_knn_and_logreg_on_a_trained_run(tmp_path: Path, capsys: pytest.Cap
     assert main(["eval", "knn", *common, "ks=[20]"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["eval"] == "knn" and 0 <= result["knn_top1@20"] <= 100
-    assert main(["eval", "logreg", *common]) == 0
-    assert 0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["logreg_top1"] <= 100
+    assert main(["eval", "logreg", *common, "--json", str(tmp_path / "logreg.json")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == f"wrote {tmp_path / 'logreg.json'}"
+    printed = json.loads(out[-2])
+    assert 0 <= printed["logreg_top1"] <= 100
+    saved = json.loads((tmp_path / "logreg.json").read_text())
+    assert saved["logreg_top1"] == printed["logreg_top1"] and saved["config"]["limit"] == 300
 
 
 def test_unknown_protocol_and_bad_override_are_one_line_errors(

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sopvit.eval.cache import extract_dataset_features
+from sopvit.eval.cache import extract_dataset_features, resolve_layers
 from sopvit.eval.linear import (
     LinearConfig,
     augmented_epochs,
@@ -112,3 +112,12 @@ def test_augmented_run_and_its_config_checks(tmp_path: Path) -> None:
         LinearConfig(augment=True, val_fraction=0.1).validate()
     with pytest.raises(ValueError, match="layers='last4' needs 4 blocks; this backbone has 2"):
         run(backbone, LinearConfig(layers="last4", image_size=16, limit=10, device="cpu"))
+
+
+def test_auto_layers_follow_the_paper_per_architecture() -> None:
+    assert resolve_layers("auto", create_backbone("vit_small_patch16_224", img_size=32)) == "last4"
+    assert resolve_layers("auto", create_backbone("vit_base_patch16_224", img_size=32)) == "cls+avgpool"
+    assert resolve_layers("auto", create_backbone("vit_test", img_size=16, in_chans=1)) == "last2"
+    assert resolve_layers("last1", create_backbone("vit_test", img_size=16, in_chans=1)) == "last1"
+    with pytest.raises(ValueError, match="layers"):
+        LinearConfig(layers="abcd4").validate()

@@ -107,6 +107,23 @@ def cached_features(
     return features, labels
 
 
+def check_layers(layers: str, allow_auto: bool = False) -> None:
+    """Config check of a ``layers`` field: "cls", "cls+avgpool", "lastN" (and "auto" where allowed)."""
+    ok = bool(_LAYERS.match(layers)) or (allow_auto and layers == "auto")
+    check(ok, "layers", "must be 'cls', 'cls+avgpool' or 'lastN'" + (" or 'auto'" if allow_auto else ""))
+
+
+def resolve_layers(layers: str, backbone: Backbone) -> str:
+    """ "auto" -> the paper's linear-probe features: ViT-B/L (width >= 768) [CLS] + mean patch token;
+    smaller ViTs the [CLS] of the last 4 blocks (fewer on shallower models); Swin its pooled token."""
+    if layers != "auto":
+        return layers
+    blocks = getattr(backbone.model, "blocks", None)
+    if backbone.kind != "vit" or blocks is None:
+        return "cls"
+    return "cls+avgpool" if backbone.embed_dim >= 768 else f"last{min(4, len(blocks))}"
+
+
 def feature_dim(backbone: Backbone, layers: str) -> int:
     """Width of ``_forward``'s rows, known without a forward pass (a rank may hold no image)."""
     if layers == "cls":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,14 @@ from torch import Tensor
 from sopvit.config import check
 from sopvit.data.transforms import SupervisedTrainTransform
 from sopvit.distributed import rank
-from sopvit.eval.cache import EvalDataConfig, extract_dataset_features, resolve_device, split_features
+from sopvit.eval.cache import (
+    EvalDataConfig,
+    check_layers,
+    extract_dataset_features,
+    resolve_device,
+    resolve_layers,
+    split_features,
+)
 from sopvit.eval.registry import register
 from sopvit.models import Backbone
 
@@ -32,7 +39,9 @@ OPTIMIZERS = ("sgd", "lars")
 
 @dataclass
 class LinearConfig(EvalDataConfig):
-    layers: str = "last4"  # "lastN": [CLS] of the last N blocks; "cls+avgpool": [CLS] + mean patch token
+    # "lastN": [CLS] of the last N blocks; "cls+avgpool": [CLS] + mean patch token; "auto": the paper's
+    # choice for the architecture (ViT-S: last4, ViT-B/L: cls+avgpool)
+    layers: str = "auto"
     lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)  # base lrs, scaled by train_batch_size / 256
     weight_decays: tuple[float, ...] = (0.0, 1e-6)
     optimizers: tuple[str, ...] = OPTIMIZERS
@@ -46,7 +55,7 @@ class LinearConfig(EvalDataConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(self.layers in ("cls", "cls+avgpool") or self.layers[4:].isdigit(), "layers", "unknown")
+        check_layers(self.layers, allow_auto=True)
         check(len(self.lrs) > 0 and min(self.lrs) > 0, "lrs", "must be non-empty and > 0")
         check(len(self.weight_decays) > 0 and min(self.weight_decays) >= 0, "weight_decays", "must be >= 0")
         check(len(self.optimizers) > 0 and set(self.optimizers) <= set(OPTIMIZERS), "optimizers", "sgd|lars")
@@ -193,6 +202,7 @@ def train_linear_heads(
 def run(backbone: Backbone, cfg: LinearConfig) -> dict[str, float]:
     cfg.validate()
     device = resolve_device(cfg.device)
+    cfg = replace(cfg, layers=resolve_layers(cfg.layers, backbone))
     train_x, train_y = split_features(backbone, cfg, cfg.train_split, cfg.layers)
     test_x, test_y = split_features(backbone, cfg, cfg.test_split, cfg.layers)
     n_classes = int(max(train_y.max(), test_y.max())) + 1
@@ -219,5 +229,6 @@ def run(backbone: Backbone, cfg: LinearConfig) -> dict[str, float]:
         best_lr=float(heads.lr[best]),
         best_wd=float(heads.wd[best]),
         best_is_lars=float(heads.is_lars[best]),
+        feature_dim=float(train_x.shape[1]),
     )
     return out

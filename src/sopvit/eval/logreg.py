@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sopvit.config import check
-from sopvit.eval.cache import EvalDataConfig, resolve_device, split_features
+from sopvit.eval.cache import EvalDataConfig, check_layers, resolve_device, split_features
 from sopvit.eval.linear import standardise
 from sopvit.eval.registry import register
 from sopvit.eval.subsets import check_subset, low_shot_indices, split_paths
@@ -32,7 +32,7 @@ class LogRegConfig(EvalDataConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(self.layers in ("cls", "cls+avgpool") or self.layers[4:].isdigit(), "layers", "unknown")
+        check_layers(self.layers)
         check(self.c > 0, "c", "must be > 0")
         check(self.max_iter >= 1, "max_iter", "must be >= 1")
         check_subset(self.subset_file, self.subset_fraction)

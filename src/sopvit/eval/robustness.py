@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from torch import Tensor
 
 from sopvit.config import check
-from sopvit.eval.cache import EvalDataConfig, resolve_device, split_features
+from sopvit.eval.cache import EvalDataConfig, check_layers, resolve_device, split_features
 from sopvit.eval.linear import OPTIMIZERS, LinearConfig, standardise, train_linear_heads
 from sopvit.eval.registry import register
 from sopvit.models import Backbone
@@ -50,7 +50,7 @@ class RobustnessConfig(EvalDataConfig):
         )
         check(len(self.variants) > 0 and all(self.variants), "variants", "must be non-empty names")
         check(self.train_variant in self.variants, "train_variant", "must be one of variants")
-        check(self.layers in ("cls", "cls+avgpool") or self.layers[4:].isdigit(), "layers", "unknown")
+        check_layers(self.layers)
         check(len(self.lrs) > 0 and min(self.lrs) > 0, "lrs", "must be non-empty and > 0")
         check(len(self.weight_decays) > 0 and min(self.weight_decays) >= 0, "weight_decays", "must be >= 0")
         check(len(self.optimizers) > 0 and set(self.optimizers) <= set(OPTIMIZERS), "optimizers", "sgd|lars")
