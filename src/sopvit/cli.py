@@ -105,7 +105,7 @@ def _eval(args: argparse.Namespace) -> int:
     width = max(len(k) for k in result)
     print(f"{evaluator.name}: {evaluator.summary}")
     for key, value in result.items():
-        print(f"  {key:<{width}}  {value:.4g}")
+        print(f"  {key:<{width}}  {value:.6g}")
     line = {"eval": evaluator.name, "checkpoint": str(args.checkpoint), **result}
     print(json.dumps(line))
     if args.json:

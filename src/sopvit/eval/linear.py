@@ -12,6 +12,7 @@ of the unaugmented images, extracted once and cached: ~epochs times cheaper, typ
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -34,6 +35,8 @@ from sopvit.eval.cache import (
 from sopvit.eval.registry import register
 from sopvit.models import Backbone
 
+logger = logging.getLogger(__name__)
+
 OPTIMIZERS = ("sgd", "lars")
 
 
@@ -42,7 +45,7 @@ class LinearConfig(EvalDataConfig):
     # "lastN": [CLS] of the last N blocks; "cls+avgpool": [CLS] + mean patch token; "auto": the paper's
     # choice for the architecture (ViT-S: last4, ViT-B/L: cls+avgpool)
     layers: str = "auto"
-    lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)  # base lrs, scaled by train_batch_size / 256
+    lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # per 256 images (x train_batch_size/256)
     weight_decays: tuple[float, ...] = (0.0, 1e-6)
     optimizers: tuple[str, ...] = OPTIMIZERS
     momentum: float = 0.9
@@ -140,11 +143,12 @@ class LinearHeads:
     @torch.no_grad()
     def accuracies(self, x: Tensor, y: Tensor, chunk: int = 4096) -> Tensor:
         """Top-1 (%) of every head, (H,)."""
-        correct = torch.zeros(self.weight.shape[0], device=x.device)
+        correct = torch.zeros(self.weight.shape[0], dtype=torch.long, device=x.device)
         for s in range(0, x.shape[0], chunk):
             logits = torch.einsum("nf,hfc->hnc", x[s : s + chunk], self.weight) + self.bias[:, None]
-            correct += (logits.argmax(-1) == y[s : s + chunk]).float().sum(1)
-        return 100.0 * correct / max(x.shape[0], 1)
+            correct += (logits.argmax(-1) == y[s : s + chunk]).sum(1)
+        # counts, then float64: 84.48, not float32's 84.4800033569336
+        return 100.0 * correct.double() / max(x.shape[0], 1)
 
 
 def train_linear_heads(
@@ -231,4 +235,11 @@ def run(backbone: Backbone, cfg: LinearConfig) -> dict[str, float]:
         best_is_lars=float(heads.is_lars[best]),
         feature_dim=float(train_x.shape[1]),
     )
+    if len(cfg.lrs) > 1 and out["best_lr"] in (min(cfg.lrs), max(cfg.lrs)):
+        # the optimum may lie outside the sweep: say so rather than report a truncated search as the answer
+        logger.warning(
+            "linear: the best lr %g is at the edge of the sweep %s; consider extending lrs",
+            out["best_lr"],
+            list(cfg.lrs),
+        )
     return out
