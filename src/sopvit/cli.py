@@ -91,12 +91,15 @@ def _eval(args: argparse.Namespace) -> int:
     from sopvit import distributed
     from sopvit.eval import get_evaluator, load_protocols
     from sopvit.eval.cache import resolve_device
-    from sopvit.export import load_pretrained
+    from sopvit.export import load_pretrained, load_reference_checkpoint
 
     load_protocols()
     evaluator = get_evaluator(args.name)
     cfg: Any = load_config(evaluator.config, args.config, args.overrides)
-    backbone = load_pretrained(args.checkpoint)
+    if args.arch:  # a bare state dict (timm, SOP/iBOT/DINO reference code) does not name its architecture
+        backbone = load_reference_checkpoint(args.checkpoint, args.arch).requires_grad_(True)
+    else:
+        backbone = load_pretrained(args.checkpoint)
     # Under torchrun every rank extracts its shard of the images; one process needs no group.
     distributed.init_distributed(resolve_device(getattr(cfg, "device", "auto")).type)
     result = evaluator.run(backbone, cfg)
@@ -165,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a backbone: knn, linear, logreg, finetune, davis, ...")
     ev.add_argument("name", help="protocol name")
     ev.add_argument("--checkpoint", required=True, help="run directory, checkpoint.pt or an export")
+    ev.add_argument(
+        "--arch", help="architecture of a bare state dict (timm or SOP/iBOT/DINO reference checkpoint)"
+    )
     ev.add_argument("--config", help="YAML with the protocol's settings (see configs/eval/)")
     ev.add_argument("--json", help="also write the result and the resolved settings to this file")
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dataset=fashion_mnist ks=[20]")

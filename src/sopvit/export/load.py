@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -200,7 +201,7 @@ def load_reference_checkpoint(
             mask = value
         elif not key.startswith("head."):  # the projection head is not part of the backbone
             weights[key] = value
-    backbone = create_backbone(arch, **backbone_kwargs)
+    backbone = create_backbone(arch, **{**_geometry(weights), **backbone_kwargs})
     expected = backbone.model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -223,3 +224,20 @@ def load_reference_checkpoint(
         with torch.no_grad():
             backbone.mask_token.copy_(mask.reshape(backbone.mask_token.shape))
     return backbone.eval()
+
+
+def _geometry(weights: Mapping[str, Tensor]) -> dict[str, int]:
+    """``in_chans`` and ``img_size`` a ViT state dict was trained with, read off its patch and position
+    embeddings (a 1-channel 28 px model and a 224 px RGB one share every other shape); {} when absent."""
+    proj = weights.get("patch_embed.proj.weight")
+    if proj is None or proj.ndim != 4:
+        return {}
+    out = {"in_chans": int(proj.shape[1])}
+    pos = weights.get("pos_embed")
+    if pos is not None and pos.ndim == 3:
+        for prefix in (1, 0):  # [CLS] + patches, or patches only (no_embed_class)
+            grid = math.isqrt(pos.shape[1] - prefix)
+            if grid > 0 and grid * grid == pos.shape[1] - prefix:
+                out["img_size"] = grid * int(proj.shape[-1])
+                break
+    return out
