@@ -88,3 +88,11 @@ def test_split_features_writes_cache(tmp_path: Path) -> None:
     assert torch.equal(feats, again)
     split_features(backbone, cfg, "train", "last2")
     assert len(list((tmp_path / "c").glob("*.pt"))) == 2
+
+
+def test_non_finite_weights_are_named_not_evaluated() -> None:
+    backbone = create_backbone("vit_test", img_size=16, in_chans=1)
+    with torch.no_grad():
+        backbone.model.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="10 of 10 feature rows of split 'test' are NaN or Inf"):
+        extract_dataset_features(backbone, "fashion_mnist", None, "test", 16, 1, 4, 10, torch.device("cpu"))

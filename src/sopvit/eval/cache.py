@@ -203,6 +203,12 @@ def extract_dataset_features(
     local = torch.cat(feats) if feats else torch.empty(0, feature_dim(backbone, layers), device=device)
     local_labels = torch.cat(label_parts) if label_parts else torch.empty(0, dtype=torch.long)
     features = gather_shards(local, n).cpu()
+    bad = int((~torch.isfinite(features).all(dim=1)).sum())
+    if bad:  # every rank sees the gathered rows, so all raise together
+        raise ValueError(
+            f"{bad} of {n} feature rows of split {split!r} are NaN or Inf: the backbone's weights are not "
+            "finite (a damaged or diverged checkpoint)"
+        )
     return features, gather_shards(local_labels.long().to(device), n).cpu()
 
 
