@@ -122,6 +122,15 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lost_contact(err: RuntimeError) -> bool:
+    """Whether ``err`` is a collective failing (a dead rank, a broken network) rather than a bug."""
+    import torch.distributed as dist
+
+    text = str(err).lower()
+    signs = ("gloo", "nccl", "connection", "timed out", "timeout", "broken pipe", "peer")
+    return isinstance(err, dist.DistError) or any(s in text for s in signs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sopvit", description="SOP self-supervised pre-training for ViTs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as err:
         from sopvit import distributed
 
-        if not distributed.is_distributed():
+        if not distributed.is_distributed() or not _lost_contact(err):
             raise
         # A collective failed: another rank died or the network broke. Say so instead of a gloo/NCCL trace.
         print(
