@@ -96,3 +96,9 @@ def test_non_finite_weights_are_named_not_evaluated() -> None:
         backbone.model.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="10 of 10 feature rows of split 'test' are NaN or Inf"):
         extract_dataset_features(backbone, "fashion_mnist", None, "test", 16, 1, 4, 10, torch.device("cpu"))
+
+
+def test_channel_mismatch_names_the_fix() -> None:
+    backbone = create_backbone("vit_test", img_size=16, in_chans=3)
+    with pytest.raises(ValueError, match="reads 1-channel images but the backbone takes 3; set in_chans=3"):
+        extract_dataset_features(backbone, "fashion_mnist", None, "test", 16, 1, 4, 10, torch.device("cpu"))

@@ -107,6 +107,17 @@ def cached_features(
     return features, labels
 
 
+def check_in_chans(backbone: Backbone, in_chans: int) -> None:
+    """A clear error instead of torch's conv2d shape message when the data and the backbone disagree."""
+    proj = getattr(getattr(backbone.model, "patch_embed", None), "proj", None)
+    expected = getattr(proj, "in_channels", in_chans)
+    if expected != in_chans:
+        raise ValueError(
+            f"in_chans: the evaluation reads {in_chans}-channel images but the backbone takes {expected}; "
+            f"set in_chans={expected} (and image_size to the backbone's resolution, e.g. 224 for ImageNet)"
+        )
+
+
 def check_layers(layers: str, allow_auto: bool = False) -> None:
     """Config check of a ``layers`` field: "cls", "cls+avgpool", "lastN" (and "auto" where allowed)."""
     ok = bool(_LAYERS.match(layers)) or (allow_auto and layers == "auto")
@@ -166,6 +177,7 @@ def extract_dataset_features(
     """
     if not _LAYERS.match(layers):
         raise ValueError(f"layers must be 'cls', 'cls+avgpool' or 'lastN', got {layers!r}")
+    check_in_chans(backbone, in_chans)
     blocks = getattr(backbone.model, "blocks", None)
     if layers.startswith("last") and blocks is not None and int(layers[4:]) > len(blocks):
         raise ValueError(f"layers={layers!r} needs {layers[4:]} blocks; this backbone has {len(blocks)}")

@@ -32,7 +32,7 @@ from sopvit.config import check
 from sopvit.data.datasets import build_dataset
 from sopvit.data.transforms import EvalTransform, SupervisedTrainTransform
 from sopvit.distributed import all_gather_rows, all_reduce_min, rank, shard, world_size
-from sopvit.eval.cache import EvalDataConfig, resolve_device
+from sopvit.eval.cache import EvalDataConfig, check_in_chans, resolve_device
 from sopvit.eval.finetune_model import Classifier, param_groups, set_drop_path
 from sopvit.eval.registry import register
 from sopvit.eval.subsets import check_subset, dataset_labels, low_shot_indices, split_paths
@@ -111,6 +111,7 @@ def run(backbone: Backbone, cfg: FinetuneConfig) -> dict[str, float]:
     cfg.validate()
     if backbone.kind != "vit":
         raise ValueError(f"backbone: fine-tuning supports ViT backbones, got {backbone.kind!r}")
+    check_in_chans(backbone, cfg.in_chans)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     train_tf = SupervisedTrainTransform(
