@@ -2,6 +2,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -103,3 +104,22 @@ def test_run_vit_test_backbone(tmp_path: Path) -> None:
     assert set(out) == {"davis_jf_mean", "davis_j_mean", "davis_f_mean"}
     assert all(math.isfinite(v) and 0.0 <= v <= 100.0 for v in out.values())  # percentages
     assert len(list((tmp_path / "out" / "toy").glob("*.png"))) == 3
+
+
+def test_batched_frames_equal_one_at_a_time_and_sizes_must_agree(tmp_path: Path) -> None:
+    make_davis(tmp_path / "davis", n_frames=5)
+    torch.manual_seed(0)
+    backbone = create_backbone("vit_test")
+    outs = []
+    for batch in (1, 3):
+        out_dir = str(tmp_path / f"o{batch}")
+        cfg = DavisConfig(root=str(tmp_path / "davis"), output_dir=out_dir, batch_size=batch, device="cpu")
+        outs.append(run(backbone, cfg))
+    assert outs[0] == pytest.approx(outs[1], abs=1e-6)
+    for name in ("00000.png", "00004.png"):
+        a, b = (np.asarray(Image.open(tmp_path / f"o{k}" / "toy" / name)) for k in (1, 3))
+        assert np.array_equal(a, b)
+    frame = sorted((tmp_path / "davis" / "JPEGImages" / "480p" / "toy").glob("*.jpg"))[3]
+    Image.new("RGB", (40, 32)).save(frame)
+    with pytest.raises(ValueError, match=r"00003\.jpg: frame size differs"):
+        run(backbone, DavisConfig(root=str(tmp_path / "davis"), output_dir=str(tmp_path / "o"), device="cpu"))

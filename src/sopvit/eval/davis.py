@@ -14,7 +14,7 @@ rank tracks a strided share of the videos and the per-object scores are gathered
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +43,12 @@ class DavisConfig:
     topk: int = 5
     temperature: float = 0.1
     image_size: int | None = None  # shorter side before rounding to the patch size; None: native
+    batch_size: int = 8  # frames per forward pass
     device: str = "auto"
 
     def validate(self) -> None:
         check(bool(self.root), "root", "is required")
+        check(self.batch_size > 0, "batch_size", "must be > 0")
         check(self.n_last_frames >= 0, "n_last_frames", "must be >= 0")
         check(self.size_mask_neighborhood >= 0, "size_mask_neighborhood", "must be >= 0")
         check(self.topk >= 1, "topk", "must be >= 1")
@@ -123,18 +125,35 @@ def _frame_size(w: int, h: int, patch: int, image_size: int | None) -> tuple[int
     return max(patch, w - w % patch), max(patch, h - h % patch)
 
 
-@torch.inference_mode()
-def frame_features(backbone: Backbone, path: Path, cfg: DavisConfig, device: torch.device) -> torch.Tensor:
-    """(L, D) unit-norm last-block patch features of one frame, grid ``backbone.grid_size`` of its size."""
-    img = Image.open(path).convert("RGB")
-    size = _frame_size(*img.size, backbone.patch_size, cfg.image_size)
-    arr = np.asarray(img.resize(size, Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+def _frame_tensor(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    img = Image.open(path).convert("RGB").resize(size, Image.Resampling.BICUBIC)
     mean, std = MultiCropSpec(in_chans=3).stats
-    x = (torch.from_numpy(arr.copy()) - torch.tensor(mean)) / torch.tensor(std)
+    arr = (np.asarray(img, dtype=np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(
+        std, np.float32
+    )
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+@torch.inference_mode()
+def video_features(
+    backbone: Backbone, frames: list[Path], cfg: DavisConfig, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """(L, D) unit-norm last-block patch features of each frame, computed ``cfg.batch_size`` frames at a time.
+
+    Every frame is resized like the first (a video's frames share one size; one that differs is an error).
+    """
+    w0, h0 = Image.open(frames[0]).size
+    size = _frame_size(w0, h0, backbone.patch_size, cfg.image_size)
     bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with bf16:
-        out = backbone(x.permute(2, 0, 1).unsqueeze(0).to(device))["patch"][0].float()
-    return F.normalize(out, dim=-1)  # stays on device: propagation is the costly part
+    for start in range(0, len(frames), cfg.batch_size):
+        chunk = frames[start : start + cfg.batch_size]
+        for path in chunk:
+            if Image.open(path).size != (w0, h0):
+                raise ValueError(f"{path}: frame size differs from the first frame of its video")
+        x = torch.stack([_frame_tensor(p, size) for p in chunk]).to(device)
+        with bf16:
+            out = backbone(x)["patch"].float()
+        yield from F.normalize(out, dim=-1)  # stays on device: propagation is the costly part
 
 
 def _read_labels(path: Path) -> np.ndarray:
@@ -153,15 +172,13 @@ def track_video(
     n_cls = int(first.max()) + 1
     small = np.asarray(Image.fromarray(first).resize((gw, gh), Image.Resampling.NEAREST), dtype=np.int64)
     seg0 = F.one_hot(torch.from_numpy(small).flatten(), n_cls).T.float().to(device)  # (C, L)
-    feat0 = frame_features(backbone, frames[0], cfg, device)
+    features = video_features(backbone, frames, cfg, device)
+    feat0 = next(features)
     radius = cfg.size_mask_neighborhood
     neigh = neighborhood_mask(gh, gw, radius).to(device) if radius > 0 else None
     queue: list[tuple[torch.Tensor, torch.Tensor]] = []
     preds = []
-    for path in frames[1:]:
-        feat = frame_features(backbone, path, cfg, device)
-        if feat.shape != feat0.shape:
-            raise ValueError(f"{path}: frame size differs from the first frame of its video")
+    for feat in features:
         seg = propagate(
             feat,
             [feat0] + [q[0] for q in queue],
