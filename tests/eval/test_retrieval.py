@@ -1,12 +1,23 @@
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sopvit.eval.registry import get_evaluator
-from sopvit.eval.retrieval import RetrievalConfig, average_precision, compute_map, protocol_gnd, run
+from sopvit.eval.retrieval import (
+    RetrievalConfig,
+    average_precision,
+    compute_map,
+    load_image,
+    protocol_gnd,
+    run,
+    sharded_features,
+    source_size,
+)
 from sopvit.models import create_backbone
 
 
@@ -95,3 +106,22 @@ def test_run_on_tiny_dataset(tmp_path: Path) -> None:
 def test_missing_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="gnd_rparis6k"):
         run(create_backbone("vit_test"), RetrievalConfig(dataset="rparis6k", root=str(tmp_path)))
+
+
+def test_same_size_images_batch_to_the_single_image_features(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    (tmp_path / "jpg").mkdir()
+    shapes = [(24, 40), (40, 24), (24, 40), (24, 40), (40, 24)]  # two sizes, as Oxford's landscape/portrait
+    for i, (h, w) in enumerate(shapes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "jpg" / f"{i}.jpg")
+    images: list[tuple[Path, list[float] | None]] = [(tmp_path / "jpg" / f"{i}.jpg", None) for i in range(5)]
+    images.append((tmp_path / "jpg" / "0.jpg", [1.4, 2.6, 30.5, 20.2]))  # a query box with float corners
+    torch.manual_seed(0)
+    backbone = create_backbone("vit_test")
+    cfg = RetrievalConfig(root=str(tmp_path), image_size=32, scales=(1.0, 0.5), device="cpu")
+    cpu = torch.device("cpu")
+    one = sharded_features(backbone, images, replace(cfg, batch_size=1), cpu)
+    batched = sharded_features(backbone, images, replace(cfg, batch_size=4), cpu)
+    torch.testing.assert_close(batched, one, atol=1e-5, rtol=1e-5)
+    for path, bbx in images:
+        assert source_size(path, bbx) == load_image(path, bbx).size

@@ -42,6 +42,7 @@ class RetrievalConfig:
     image_size: int = 512  # longer side at scale 1
     scales: tuple[float, ...] = (1.0, 0.7071, 0.5)
     ks: tuple[int, ...] = (1, 5, 10)  # mean precision at these ranks
+    batch_size: int = 16  # images of one size per forward pass
     device: str = "auto"  # "auto": cuda when available
 
     def validate(self) -> None:
@@ -50,6 +51,7 @@ class RetrievalConfig:
         check(self.image_size > 0, "image_size", "must be > 0")
         check(len(self.scales) > 0 and min(self.scales) > 0, "scales", "must be non-empty and positive")
         check(len(self.ks) > 0 and min(self.ks) >= 1, "ks", "must be non-empty and >= 1")
+        check(self.batch_size > 0, "batch_size", "must be > 0")
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -123,7 +125,7 @@ def protocol_gnd(gnd: Sequence[dict[str, Any]], protocol: Literal["medium", "har
 
 
 # ------------------------------------------------------------------------------------------------ features
-def _load_image(path: Path, bbx: Sequence[float] | None = None) -> Image.Image:
+def load_image(path: Path, bbx: Sequence[float] | None = None) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"retrieval image not found: {path}")
     img = Image.open(path).convert("RGB")
@@ -144,26 +146,39 @@ def _resized(img: Image.Image, longer: float, patch: int) -> Image.Image:
     return img.resize((nw, nh), Image.Resampling.BICUBIC)
 
 
-@torch.inference_mode()
-def multiscale_feature(
-    backbone: Backbone, img: Image.Image, cfg: RetrievalConfig, device: torch.device
-) -> torch.Tensor:
-    """L2-normalised mean of the [CLS] features of ``img`` rescaled to every scale in ``cfg.scales``.
+def source_size(path: Path, bbx: Sequence[float] | None) -> tuple[int, int]:
+    """(w, h) of the image ``load_image`` returns, from the file header (no decoding)."""
+    if bbx is not None:
+        # PIL rounds a float crop box to pixels this way
+        x1, y1, x2, y2 = (round(float(v)) for v in bbx)
+        return abs(x2 - x1), abs(y2 - y1)
+    with Image.open(path) as img:
+        return img.size
 
-    One image per forward pass: every image and scale has its own size (aspect kept, longer side
-    ``image_size * scale``), as in the standard protocol, so batching would need padding or cropping.
+
+@torch.inference_mode()
+def multiscale_features(
+    backbone: Backbone, imgs: Sequence[Image.Image], cfg: RetrievalConfig, device: torch.device
+) -> torch.Tensor:
+    """(B, D) L2-normalised means of the [CLS] features of ``imgs`` rescaled to every scale in ``cfg.scales``.
+
+    The images must share one size (aspect kept, longer side ``image_size * scale``), so each scale is one
+    batched forward pass; ``sharded_features`` groups them so.
     """
     mean, std = MultiCropSpec(in_chans=3).stats
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    feat = torch.zeros(backbone.embed_dim, device=device)
+    feat = torch.zeros(len(imgs), backbone.embed_dim, device=device)
     bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     for scale in cfg.scales:
-        arr = np.asarray(_resized(img, cfg.image_size * scale, backbone.patch_size), dtype=np.float32)
-        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).to(device) / 255.0
+        arrs = [
+            np.asarray(_resized(img, cfg.image_size * scale, backbone.patch_size), dtype=np.float32)
+            for img in imgs
+        ]
+        x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).to(device) / 255.0
         with bf16:
-            feat += backbone((x - m) / s)["cls"][0].float()
-    return F.normalize(feat / len(cfg.scales), dim=0)
+            feat += backbone((x - m) / s)["cls"].float()
+    return F.normalize(feat / len(cfg.scales), dim=1)
 
 
 @torch.inference_mode()
@@ -173,11 +188,21 @@ def sharded_features(
     cfg: RetrievalConfig,
     device: torch.device,
 ) -> torch.Tensor:
-    """(N, D) features of ``images`` (path, optional box) in order; rank r extracts r, r+W, ... only."""
+    """(N, D) features of ``images`` (path, optional box) in order; rank r extracts r, r+W, ... only.
+
+    Images of equal size are batched together (``cfg.batch_size`` at a time): Oxford and Paris images are
+    nearly all 1024x768 or 768x1024, so almost every forward pass is a full batch.
+    """
     mine = [images[i] for i in distributed.shard(len(images))]
-    local = [multiscale_feature(backbone, _load_image(p, b), cfg, device) for p, b in mine]
-    # A rank with no image (fewer images than ranks) still joins the gather, with (0, D) rows.
-    rows = torch.stack(local) if local else torch.empty(0, backbone.embed_dim, device=device)
+    rows = torch.empty(len(mine), backbone.embed_dim, device=device)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for j, (path, bbx) in enumerate(mine):
+        by_size.setdefault(source_size(path, bbx), []).append(j)
+    for group in by_size.values():
+        for start in range(0, len(group), cfg.batch_size):
+            chunk = group[start : start + cfg.batch_size]
+            rows[chunk] = multiscale_features(backbone, [load_image(*mine[j]) for j in chunk], cfg, device)
+    # a rank with no image (fewer images than ranks) still joins the gather, with (0, D) rows
     return distributed.gather_shards(rows, len(images)).cpu()
 
 
