@@ -1,7 +1,5 @@
 """Two gloo ranks sharding retrieval / Copydays images and DAVIS videos report what one process does."""
 
-import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from sopvit.models import Backbone, create_backbone
 from tests.eval.test_copydays import cfg_for, make_copydays
 from tests.eval.test_davis import make_davis
 from tests.eval.test_retrieval import make_retrieval
+from tests.gloo import free_port, use_local_master
 
 # (database images, queries): even shards, then 3 images on 2 ranks with one query (rank 1 holds none).
 RETRIEVAL_CASES = {"even": (4, 2), "odd": (3, 1)}
@@ -63,7 +62,7 @@ def _davis(data: Path, out: str = "out2") -> dict[str, float]:
 
 
 def _worker(rank: int, task: Callable[[Path], object], data: Path, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    use_local_master(port)
     torch.set_num_threads(1)  # as the reference below: identical kernels, identical bits
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
@@ -72,14 +71,8 @@ def _worker(rank: int, task: Callable[[Path], object], data: Path, port: int) ->
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _two_ranks(task: Callable[[Path], object], data: Path) -> list[object]:
-    mp.start_processes(_worker, args=(task, data, _free_port()), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(task, data, free_port()), nprocs=2, start_method="spawn")
     return [torch.load(data / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

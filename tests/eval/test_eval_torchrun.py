@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 
 from sopvit.eval.cache import extract_dataset_features
 from sopvit.train.trainer import Trainer
+from tests.gloo import free_port, use_local_master
 from tests.train.tiny import tiny_config
 
 
@@ -53,7 +53,7 @@ def test_two_ranks_report_the_single_process_numbers(run_dir: Path) -> None:
 def _extract(rank: int, world: int, run_dir: Path, out: Path, port: int) -> None:
     from sopvit.export import load_pretrained
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    use_local_master(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         backbone = load_pretrained(run_dir)
@@ -68,17 +68,11 @@ def _extract(rank: int, world: int, run_dir: Path, out: Path, port: int) -> None
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_extraction_on_two_gloo_ranks_equals_one_process(run_dir: Path, tmp_path: Path) -> None:
     from sopvit.export import load_pretrained
 
-    mp.start_processes(_extract, args=(2, run_dir, tmp_path, _free_port()), nprocs=2, start_method="spawn")
+    mp.start_processes(_extract, args=(2, run_dir, tmp_path, free_port()), nprocs=2, start_method="spawn")
     backbone = load_pretrained(run_dir)
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)

@@ -1,6 +1,5 @@
 """Two gloo ranks must reproduce a single process fed the concatenated batch."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from sopvit import MemoryBank, SOPObjective, build_prototypes
+from tests.gloo import free_port, use_local_master
 from tests.sop.test_objective import SMALL
 
 STEPS, B = 12, 3  # 12 steps x 6 keys pass the 32-row patch bank and 64-row cls bank: both wrap around
@@ -59,7 +59,7 @@ def _run(rank: int, world: int, out: Path) -> None:
 
 
 def _worker(rank: int, world: int, out: Path, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    use_local_master(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         _run(rank, world, out)
@@ -67,17 +67,9 @@ def _worker(rank: int, world: int, out: Path, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
-    mp.start_processes(_worker, args=(2, tmp_path, _free_port()), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, tmp_path, free_port()), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
 
     single = SOPObjective(SMALL)
