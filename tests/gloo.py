@@ -1,15 +1,38 @@
-"""Setting up a local gloo process group in spawned test workers."""
+"""Spawned gloo ranks for tests: met through a file, so no TCP port is raced for on a busy machine."""
 
-import os
-import socket
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _rank_main(rank: int, world: int, store: str, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+    # One thread per rank: two ranks share this machine's cores with a single-threaded reference.
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    ok = False
+    try:
+        fn(rank, *args)
+        ok = True
+    finally:
+        if ok:
+            dist.barrier()  # nobody tears down its group while another rank is still in a collective
+        dist.destroy_process_group()
 
 
-def use_local_master(port: int) -> None:
-    """Environment ``init_process_group("gloo", rank=r, world_size=w)`` reads to meet the other ranks."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def run_gloo_ranks(fn: Callable[..., None], world: int, *args: Any) -> None:
+    """Call ``fn(rank, *args)`` in ``world`` spawned processes joined in one gloo group.
+
+    Every rank leaves the group cleanly; an exception in any rank fails the caller.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        store = str(Path(scratch) / "gloo-store")
+        mp.start_processes(
+            _rank_main, args=(world, store, fn, args), nprocs=world, start_method="spawn", join=True
+        )

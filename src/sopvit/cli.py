@@ -199,6 +199,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    code = 1
+    try:
+        code = _dispatch(args)
+        return code
+    finally:
+        # Under torchrun every rank leaves the process group itself, after all agree they are done.
+        from sopvit import distributed
+
+        distributed.shutdown(clean=code == 0)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except ConfigError as err:

@@ -128,6 +128,26 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown(clean: bool) -> None:
+    """Leave the process group, if any, before the interpreter exits.
+
+    A rank that exits with its group alive tears down gloo's threads and the store client while
+    another rank may still be in a collective or mid-teardown: the C++ side then aborts
+    ("terminate called without an active exception") after the command succeeded, and torchrun
+    reports the run as failed. After a clean run the ranks first agree that all of them are done;
+    after an error they only leave, since the others may be gone.
+    """
+    if not is_distributed():
+        return
+    try:
+        if clean:
+            dist.barrier()
+    except RuntimeError:
+        pass  # another rank failed and left; torchrun reports it, this rank's own work is done
+    finally:
+        dist.destroy_process_group()
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x

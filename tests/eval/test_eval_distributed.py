@@ -6,8 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
 
 from sopvit.eval.copydays import extract_features, list_images
@@ -20,7 +18,7 @@ from sopvit.models import Backbone, create_backbone
 from tests.eval.test_copydays import cfg_for, make_copydays
 from tests.eval.test_davis import make_davis
 from tests.eval.test_retrieval import make_retrieval
-from tests.gloo import free_port, use_local_master
+from tests.gloo import run_gloo_ranks
 
 # (database images, queries): even shards, then 3 images on 2 ranks with one query (rank 1 holds none).
 RETRIEVAL_CASES = {"even": (4, 2), "odd": (3, 1)}
@@ -61,18 +59,13 @@ def _davis(data: Path, out: str = "out2") -> dict[str, float]:
     return davis_run(_backbone(), _davis_cfg(data / "davis", data / out))
 
 
-def _worker(rank: int, task: Callable[[Path], object], data: Path, port: int) -> None:
-    use_local_master(port)
-    torch.set_num_threads(1)  # as the reference below: identical kernels, identical bits
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.save(task(data), data / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, task: Callable[[Path], object], data: Path) -> None:
+    # single-threaded, as the reference below: identical kernels, identical bits
+    torch.save(task(data), data / f"rank{rank}.pt")
 
 
 def _two_ranks(task: Callable[[Path], object], data: Path) -> list[object]:
-    mp.start_processes(_worker, args=(task, data, free_port()), nprocs=2, start_method="spawn")
+    run_gloo_ranks(_worker, 2, task, data)
     return [torch.load(data / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

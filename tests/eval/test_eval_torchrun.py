@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from sopvit.eval.cache import extract_dataset_features
 from sopvit.train.trainer import Trainer
-from tests.gloo import free_port, use_local_master
+from tests.gloo import run_gloo_ranks
 from tests.train.tiny import tiny_config
 
 
@@ -50,29 +48,24 @@ def test_two_ranks_report_the_single_process_numbers(run_dir: Path) -> None:
                 assert two[key] == pytest.approx(value, abs=1e-3), (name, key)
 
 
-def _extract(rank: int, world: int, run_dir: Path, out: Path, port: int) -> None:
+def _extract(rank: int, run_dir: Path, out: Path) -> None:
     from sopvit.export import load_pretrained
 
-    use_local_master(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        backbone = load_pretrained(run_dir)
-        result = {
-            limit: extract_dataset_features(
-                backbone, "fashion_mnist", None, "test", 16, 1, 4, limit, torch.device("cpu"), "last2"
-            )
-            for limit in (1, 7)  # 1 image: rank 1 holds nothing and must still join the gathers
-        }
-        torch.save(result, out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    backbone = load_pretrained(run_dir)
+    result = {
+        limit: extract_dataset_features(
+            backbone, "fashion_mnist", None, "test", 16, 1, 4, limit, torch.device("cpu"), "last2"
+        )
+        for limit in (1, 7)  # 1 image: rank 1 holds nothing and must still join the gathers
+    }
+    torch.save(result, out / f"rank{rank}.pt")
 
 
 @pytest.mark.slow
 def test_extraction_on_two_gloo_ranks_equals_one_process(run_dir: Path, tmp_path: Path) -> None:
     from sopvit.export import load_pretrained
 
-    mp.start_processes(_extract, args=(2, run_dir, tmp_path, free_port()), nprocs=2, start_method="spawn")
+    run_gloo_ranks(_extract, 2, run_dir, tmp_path)
     backbone = load_pretrained(run_dir)
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)

@@ -4,12 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from sopvit import MemoryBank, SOPObjective, build_prototypes
-from tests.gloo import free_port, use_local_master
+from tests.gloo import run_gloo_ranks
 from tests.sop.test_objective import SMALL
 
 STEPS, B = 12, 3  # 12 steps x 6 keys pass the 32-row patch bank and 64-row cls bank: both wrap around
@@ -58,18 +56,9 @@ def _run(rank: int, world: int, out: Path) -> None:
     )
 
 
-def _worker(rank: int, world: int, out: Path, port: int) -> None:
-    use_local_master(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        _run(rank, world, out)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
-    mp.start_processes(_worker, args=(2, tmp_path, free_port()), nprocs=2, start_method="spawn")
+    run_gloo_ranks(_run, 2, 2, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
 
     single = SOPObjective(SMALL)
