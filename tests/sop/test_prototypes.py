@@ -147,3 +147,21 @@ def test_memory_must_be_a_matrix() -> None:
 def test_low_cv_needs_two_neighbours() -> None:
     with pytest.raises(ValueError, match="k >= 2"):
         build_prototypes(_memory(20, 3), 4, 1, 0.1, 0.5, torch.Generator(), anchor_selection="low_cv")
+
+
+def test_low_cv_without_neighbours_is_allowed_when_every_anchor_is_kept() -> None:
+    # The patch memory's defaults (k=0, keep 1) under low_cv: nothing to select, so nothing to measure.
+    protos = build_prototypes(_memory(20, 3), 4, 0, 0.1, 1.0, torch.Generator(), anchor_selection="low_cv")
+    assert protos.num_prototypes == 4
+
+
+def test_low_cv_config_names_the_bank_whose_k_is_too_small() -> None:
+    from sopvit.config import ConfigError, load_config
+    from sopvit.config.pretrain import PretrainConfig
+
+    base = ["data.dataset=fashion_mnist", "sop.anchor_selection=low_cv"]
+    load_config(PretrainConfig, None, base)  # patch_k=0 with keep 1: fine
+    with pytest.raises(ConfigError, match=r"sop\.patch_k"):
+        load_config(PretrainConfig, None, [*base, "sop.patch_keep_fraction=0.5"])
+    with pytest.raises(ConfigError, match=r"sop\.cls_k"):
+        load_config(PretrainConfig, None, [*base, "sop.cls_k=1"])

@@ -170,8 +170,12 @@ class PretrainConfig:
         check(
             s.anchor_selection in ("uniform", "low_cv"), "sop.anchor_selection", "must be uniform or low_cv"
         )
-        check(
-            s.anchor_selection != "low_cv" or s.cls_k >= 2,
-            "sop.cls_k",
-            "low_cv anchor selection needs k >= 2",
-        )
+        for bank, k, keep in (
+            ("cls", s.cls_k, s.cls_keep_fraction),
+            ("patch", s.patch_k, s.patch_keep_fraction),
+        ):
+            check(
+                s.anchor_selection != "low_cv" or k >= 2 or keep == 1,
+                f"sop.{bank}_k",
+                f"low_cv anchor selection needs k >= 2 (or sop.{bank}_keep_fraction=1: nothing to select)",
+            )

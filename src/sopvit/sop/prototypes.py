@@ -74,6 +74,8 @@ def _select(
     if rule == "low_cv":
         # Intended rule: prefer anchors whose neighbours are equally close (small coefficient of
         # variation of the scores), i.e. homogeneous neighbourhoods.
+        if k < 2 and kept == a:  # every anchor is kept: there is nothing to choose, so no spread is needed
+            return torch.arange(a, device=scores.device).expand(t, a)
         if k < 2:
             raise ValueError(
                 f"anchor_selection='low_cv' needs k >= 2 neighbours to measure spread, got k={k}"
