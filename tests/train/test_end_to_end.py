@@ -36,15 +36,44 @@ def _assert_same_run(a: dict, b: dict) -> None:
         _assert_equal(a[part], b[part], part)
 
 
-@pytest.mark.parametrize("batched", [True, False])
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path, batched: bool) -> None:
-    flag = f"data.batched_augment={str(batched).lower()}"
-    Trainer(tiny_config(tmp_path / "straight", flag, "train.max_steps=7")).fit()
-    Trainer(tiny_config(tmp_path / "resumed", flag, "train.max_steps=4")).fit()
-    resumed = Trainer(tiny_config(tmp_path / "resumed", flag, "train.max_steps=7"))
+# Every source of randomness on: drop path (the global torch RNG), random mask ratios and masked/unmasked
+# images (iBOT's mix), KoLeo, low-CV anchors and k-NN supports (the objective's generators), all crops.
+ALL_RANDOM = (
+    "model.drop_path_rate=0.3",
+    "data.mask_prob=0.5",
+    "data.mask_ratio=[0.1,0.5]",
+    "sop.anchor_selection=low_cv",
+    "sop.cls_keep_fraction=0.5",
+    "sop.koleo_weight=0.1",
+)
+
+
+@pytest.mark.parametrize("random", [False, True], ids=["plain", "all-random"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per-sample"])
+def test_interrupted_and_resumed_run_equals_uninterrupted(
+    tmp_path: Path, batched: bool, random: bool
+) -> None:
+    flags = [f"data.batched_augment={str(batched).lower()}", *(ALL_RANDOM if random else ())]
+    Trainer(tiny_config(tmp_path / "straight", *flags, "train.max_steps=7")).fit()
+    Trainer(tiny_config(tmp_path / "resumed", *flags, "train.max_steps=4")).fit()
+    resumed = Trainer(tiny_config(tmp_path / "resumed", *flags, "train.max_steps=7"))
     assert resumed.step == 4
     resumed.fit()
     _assert_same_run(_final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed"))
+
+
+def test_drop_path_makes_the_run_depend_on_the_restored_rng(tmp_path: Path) -> None:
+    """The all-random resume test above is only meaningful if the torch RNG state changes the result."""
+    flags = [*ALL_RANDOM, "train.max_steps=2"]
+    Trainer(tiny_config(tmp_path / "a", *flags)).fit()
+    other = Trainer(tiny_config(tmp_path / "b", *flags))
+    torch.manual_seed(12345)  # same weights and data, another drop-path stream
+    other.fit()
+    a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
+    assert not torch.equal(
+        a["student"]["backbone.model.blocks.0.attn.qkv.weight"],
+        b["student"]["backbone.model.blocks.0.attn.qkv.weight"],
+    )
 
 
 def test_pretrain_resume_then_knn_from_the_cli(tmp_path: Path) -> None:

@@ -153,6 +153,9 @@ class PretrainInputs:
             collate_fn=_collate,
             pin_memory=device.type == "cuda",
             persistent_workers=False,
+            # Without its own generator the loader draws its workers' base seed from the global RNG each
+            # time it starts, so a resumed run's drop path would drift from the uninterrupted run's.
+            generator=torch.Generator().manual_seed(_mix(self.seed, start)),
         )
         yield from loader
 
