@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-# Renamed in torch 2.14; older releases (down to our floor, 2.4) only have the old name.
+T = TypeVar("T")
+
+# Renamed in torch 2.14; older releases (down to our floor, 2.6) only have the old name.
 _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
@@ -121,6 +124,15 @@ def _restart_scoped_store(timeout: timedelta) -> dist.Store | None:
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
     )
     return dist.PrefixStore(f"sopvit/restart{restart}", client)
+
+
+def all_gather_objects(obj: T) -> list[T]:
+    """``obj`` of every rank, in rank order (small host objects such as RNG states)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

@@ -42,6 +42,23 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else None
 
 
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def build_model(cfg: PretrainConfig) -> StudentTeacher:
     """Student and teacher encoders for ``cfg.model`` at the global crop size of ``cfg.data``."""
     m = cfg.model
@@ -184,7 +201,8 @@ class Trainer:
         if dist.is_main_process():
             save_config(self.cfg, self.run_dir / "config.yaml")
 
-    def state(self) -> dict[str, Any]:
+    def state(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        """Everything a resumed run needs; ``rng`` holds every rank's RNG states, in rank order."""
         return {
             "step": self.step,
             "config": config_to_dict(self.cfg),
@@ -194,12 +212,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "objective": self.objective.state_dict(),
             "skipped_files": self.skipped_files,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
+            "rng": rng,
         }
 
     def save(self) -> None:
@@ -208,8 +221,11 @@ class Trainer:
                 raise CheckpointError(
                     f"refusing to checkpoint step {self.step}: student.{name} holds NaN/Inf"
                 )
+        # Each rank draws its own drop-path stream: all of them are saved, or rank r > 0 would resume on
+        # rank 0's stream and drift from the uninterrupted run.
+        rng = dist.all_gather_objects(_rng_state())
         if dist.is_main_process():
-            save_checkpoint(self.state(), self.run_dir / "checkpoint.pt")
+            save_checkpoint(self.state(rng), self.run_dir / "checkpoint.pt")
         dist.barrier()
 
     def load(self, path: Path) -> None:
@@ -220,12 +236,15 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.objective.load_state_dict(state["objective"])
         self.step, self.skipped_files = int(state["step"]), int(state["skipped_files"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        saved = state["rng"]
+        if isinstance(saved, dict):  # written before every rank's states were kept
+            saved = [saved]
+        if len(saved) == self.world:
+            _set_rng_state(saved[self.rank])
+        else:
+            # Another world size cannot continue every rank's stream; keep ranks distinct and reproducible.
+            _set_rng_state(saved[0])
+            torch.manual_seed(self.cfg.train.seed + 1000 * self.step + self.rank)
 
     def fit(self) -> dict[str, float]:
         """Train from ``self.step`` to the end (or ``train.max_steps``); returns the last logged row."""
