@@ -21,6 +21,7 @@ from sopvit.data.transforms import EvalTransform, MultiCropSpec
 from sopvit.distributed import all_reduce_min, barrier, gather_shards, is_main_process, shard
 from sopvit.eval.features import tensor_batches
 from sopvit.models import Backbone
+from sopvit.safe_load import load_torch
 
 _LAYERS = re.compile(r"^(cls|cls\+avgpool|last[1-9][0-9]*)$")
 
@@ -94,7 +95,7 @@ def cached_features(
     # every rank must agree: extraction is collective, so one rank hitting alone would deadlock the others
     hit = all_reduce_min(torch.tensor([int(os.path.isfile(file))]))
     if bool(hit.item()):
-        stored = torch.load(file, map_location="cpu", weights_only=True)
+        stored = load_torch(file)
         if stored.get("key") == key_json:  # the 32-char prefix could in principle collide
             return stored["features"], stored["labels"]
     features, labels = compute()

@@ -12,7 +12,6 @@ rank extracts a strided share of the images; the gathered features, hence the sc
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from sopvit.data.transforms import MultiCropSpec
 from sopvit.eval.cache import resolve_device
 from sopvit.eval.registry import register
 from sopvit.models import Backbone
+from sopvit.safe_load import UnsafeFileError, load_data_pickle
 
 RetrievalDataset = Literal["roxford5k", "rparis6k"]
 _PREFIX = {"roxford5k": "rox", "rparis6k": "rpar"}
@@ -210,8 +210,16 @@ def load_gnd(root: Path, dataset: str) -> dict[str, Any]:
     path = root / f"gnd_{dataset}.pkl"
     if not path.is_file():
         raise FileNotFoundError(f"ground truth not found: {path}")
-    with path.open("rb") as f:
-        cfg: dict[str, Any] = pickle.load(f)
+    try:
+        # The ground truth is downloaded: read as data only (lists, str, numeric arrays), never as code.
+        cfg = load_data_pickle(path)
+    except UnsafeFileError:
+        raise
+    except Exception as err:  # pickle raises many types for a damaged file
+        reason = f"{type(err).__name__}: {err}"
+        raise ValueError(f"{path} is not a readable ground-truth pickle ({reason})") from err
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a dict with imlist, qimlist and gnd, got {type(cfg).__name__}")
     for key in ("imlist", "qimlist", "gnd"):
         if key not in cfg:
             raise ValueError(f"{path}: missing field {key!r}")

@@ -16,6 +16,7 @@ from sopvit.config import ConfigError, apply_overrides
 from sopvit.config.coerce import merge
 from sopvit.config.pretrain import PretrainConfig
 from sopvit.models import Backbone, Encoder, create_backbone
+from sopvit.safe_load import UnsafeFileError, load_torch
 from sopvit.train.checkpoint import LATEST, CheckpointError, load_checkpoint
 
 CONFIG_JSON = "config.json"
@@ -128,7 +129,9 @@ def _load(path: str | Path) -> Backbone:
     if path.is_file() and path.name != LATEST and (folder / TIMM_ARGS).is_file() and path.suffix == ".pth":
         meta = _read_json(folder / TIMM_ARGS)
         try:
-            weights = torch.load(path, map_location="cpu", weights_only=True)
+            weights = load_torch(path)
+        except UnsafeFileError:
+            raise
         except Exception as err:  # torch raises many types for a damaged or foreign file
             raise ValueError(f"{path} is not a readable timm state dict ({type(err).__name__})") from err
         if isinstance(weights, dict) and "format_version" not in weights:
@@ -181,6 +184,7 @@ def load_reference_checkpoint(
 
     Raises:
         ValueError: the keys or shapes do not fit ``arch``; lists up to 10 missing and unexpected keys.
+        UnsafeFileError: (a ``ValueError``) the file asks for a type that could run code when loaded.
     """
     where = "the given dict" if isinstance(path, Mapping) else str(path)
     if isinstance(path, Mapping):
@@ -188,11 +192,13 @@ def load_reference_checkpoint(
     else:
         file = _require(path)
         try:
-            raw = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception:
-            # Reference checkpoints pickle their argparse Namespace next to the weights; the caller chose
-            # to trust this file by passing it, so fall back to the full unpickler.
-            raw = torch.load(file, map_location="cpu", weights_only=False)
+            # Reference checkpoints are downloaded: their argparse Namespace, numpy scalars and optimizer
+            # state are allowlisted, anything that could run code is refused.
+            raw = load_torch(file)
+        except UnsafeFileError:
+            raise
+        except Exception as err:  # torch raises many types for a damaged or foreign file
+            raise ValueError(f"{file} is not a readable checkpoint ({type(err).__name__}: {err})") from err
     weights: dict[str, Tensor] = {}
     mask: Tensor | None = None
     for key, value in _unwrap(raw, where).items():

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from sopvit.safe_load import UnsafeFileError, load_torch
+
 FORMAT_VERSION = 1
 LATEST = "checkpoint.pt"
 
@@ -45,13 +47,20 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`, checking its format version."""
+    """Read a checkpoint written by :func:`save_checkpoint`, checking its format version.
+
+    Raises:
+        CheckpointError: the file is missing, damaged, foreign or of another format version.
+        UnsafeFileError: the file asks for a type a checkpoint never holds (it could run code).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        # Our checkpoints hold plain containers, tensors and numpy RNG state; not arbitrary objects.
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        # A checkpoint may be downloaded or shared: it is read without running code from it.
+        state = load_torch(path, map_location=map_location)
+    except UnsafeFileError:
+        raise  # its message already names the file and the type; "unreadable" would hide the danger
     except Exception as err:  # torch raises many types for a damaged file
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict) or "format_version" not in state:
