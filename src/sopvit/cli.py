@@ -1,12 +1,17 @@
-"""Command line: ``sopvit pretrain | demo``. Parses arguments and dispatches; the work is elsewhere."""
+"""Command line: ``sopvit [--debug] pretrain | bench | export | visualize | report | eval | demo``.
+
+Parses arguments and dispatches; the work is elsewhere.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -131,14 +136,50 @@ def _lost_contact(err: RuntimeError) -> bool:
     return isinstance(err, dist.DistError) or any(s in text for s in signs)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("sopvit")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        import sopvit
+
+        return str(getattr(sopvit, "__version__", "unknown"))
+
+
+def _debug_from_env() -> bool:
+    return os.environ.get("SOPVIT_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _protocols_epilog(names: list[str]) -> str:
+    from sopvit.eval import get_evaluator
+
+    width = max(len(n) for n in names)
+    rows = [f"  {n:<{width}}  {get_evaluator(n).summary}" for n in names]
+    example = "example: sopvit eval knn --checkpoint runs/fashion_mnist_cpu ks=[20]"
+    return "\n".join(["protocols:", *rows, "", example])
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from sopvit.eval import load_protocols
+
+    # The protocols list themselves in `sopvit eval --help`; importing them all costs ~0.05 s.
+    protocols = sorted(load_protocols())
+    debug_help = "on an error, show the full traceback behind the one-line message (or set SOPVIT_DEBUG=1)"
     parser = argparse.ArgumentParser(prog="sopvit", description="SOP self-supervised pre-training for ViTs")
+    parser.add_argument("--version", action="version", version=f"sopvit {_version()}")
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    # Also accepted after the subcommand, where newcomers put it; SUPPRESS keeps a global --debug intact.
+    debug_flag = argparse.ArgumentParser(add_help=False)
+    debug_flag.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="pre-train a backbone with SOP")
+    p = sub.add_parser("pretrain", parents=[debug_flag], help="pre-train a backbone with SOP")
     p.add_argument("--config", help="YAML recipe (see configs/pretrain/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=100 data.path=/data")
     p.set_defaults(func=_pretrain)
-    b = sub.add_parser("bench", help="time the training step with and without SOP, and the input pipeline")
+    b = sub.add_parser(
+        "bench",
+        parents=[debug_flag],
+        help="time the training step with and without SOP, and the input pipeline",
+    )
     b.add_argument("--config", help="YAML recipe giving architecture, crops, batch, precision, compile")
     b.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     b.add_argument("--warmup", type=int, default=5)
@@ -154,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.set_defaults(func=_bench)
     e = sub.add_parser(
-        "export", help="export the teacher backbone (timm, safetensors, Hugging Face folder, ONNX)"
+        "export",
+        parents=[debug_flag],
+        help="export the teacher backbone (timm, safetensors, Hugging Face folder, ONNX)",
     )
     e.add_argument("--checkpoint", required=True, help="run directory or checkpoint.pt")
     e.add_argument("--format", required=True, choices=["timm", "safetensors", "hf", "onnx"])
@@ -162,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--include-head", action="store_true", help="also export the projection head")
     e.set_defaults(func=_export)
     v = sub.add_parser(
-        "visualize", help="last-layer [CLS] attention maps, or the learned prototypes as images"
+        "visualize",
+        parents=[debug_flag],
+        help="last-layer [CLS] attention maps, or the learned prototypes as images",
     )
     v.add_argument("what", choices=["attention", "prototypes"])
     v.add_argument("--checkpoint", required=True, help="run directory or checkpoint.pt")
@@ -170,12 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", help="data set path for prototype images (default: the run's data.path)")
     v.add_argument("--out", help="PNG to write (default: attention.png / prototypes.png)")
     v.set_defaults(func=_visualize)
-    r = sub.add_parser("report", help="one self-contained HTML report of a run")
+    r = sub.add_parser("report", parents=[debug_flag], help="one self-contained HTML report of a run")
     r.add_argument("run", help="run directory")
     r.add_argument("--out", help="HTML file (default: RUN/report.html)")
     r.set_defaults(func=_report)
-    ev = sub.add_parser("eval", help="evaluate a backbone: knn, linear, logreg, finetune, davis, ...")
-    ev.add_argument("name", help="protocol name")
+    ev = sub.add_parser(
+        "eval",
+        parents=[debug_flag],
+        help=f"evaluate a backbone: {', '.join(protocols)}",
+        description="Evaluate a pre-trained backbone with one protocol of the paper.",
+        epilog=_protocols_epilog(protocols),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument("name", metavar="PROTOCOL", help=f"one of {', '.join(protocols)} (see below)")
     ev.add_argument("--checkpoint", required=True, help="run directory, checkpoint.pt or an export")
     ev.add_argument(
         "--arch", help="architecture of a bare state dict (timm or SOP/iBOT/DINO reference checkpoint)"
@@ -184,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the result and the resolved settings to this file")
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dataset=fashion_mnist ks=[20]")
     ev.set_defaults(func=_eval)
-    d = sub.add_parser("demo", help="pre-train on Fashion-MNIST on the CPU and report k-NN before/after")
+    d = sub.add_parser(
+        "demo",
+        parents=[debug_flag],
+        help="pre-train on Fashion-MNIST on the CPU and report k-NN before/after",
+    )
     d.add_argument("overrides", nargs="*", help="dotted overrides of the demo recipe")
     d.set_defaults(func=_demo)
     return parser
@@ -210,17 +266,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.shutdown(clean=code == 0)
 
 
+def _explain(message: str, debug: bool) -> None:
+    """Print the one-line ``message``; under ``--debug`` the traceback of the error being handled first."""
+    if debug:
+        traceback.print_exc()
+    print(message, file=sys.stderr)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    debug = bool(getattr(args, "debug", False)) or _debug_from_env()
     try:
         return int(args.func(args))
     except ConfigError as err:
-        print(f"sopvit: config error: {err}", file=sys.stderr)
+        _explain(f"sopvit: config error: {err}", debug)
         return 2
     except (FileNotFoundError, ValueError) as err:
-        print(f"sopvit: error: {err}", file=sys.stderr)
+        _explain(f"sopvit: error: {err}", debug)
         return 2
     except (CheckpointError, NonFiniteLossError) as err:
-        print(f"sopvit: {err}", file=sys.stderr)
+        _explain(f"sopvit: {err}", debug)
         return 1
     except RuntimeError as err:
         from sopvit import distributed
@@ -228,18 +292,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not distributed.is_distributed() or not _lost_contact(err):
             raise
         # A collective failed: another rank died or the network broke. Say so instead of a gloo/NCCL trace.
-        print(
+        _explain(
             f"sopvit: rank {distributed.rank()} lost contact with the other ranks "
             f"({str(err).splitlines()[0]}). "
             "The last checkpoint is intact: rerun the same command, or launch with torchrun --max-restarts "
             "to resume automatically.",
-            file=sys.stderr,
+            debug,
         )
         return 1
     except KeyboardInterrupt:
-        print(
-            "sopvit: interrupted; resume with the same command (the last checkpoint is kept)", file=sys.stderr
-        )
+        _explain("sopvit: interrupted; resume with the same command (the last checkpoint is kept)", debug)
         return 130
 
 
