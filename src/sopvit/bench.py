@@ -24,12 +24,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sopvit.config.pretrain import PretrainConfig
+from sopvit.device import autocast_dtype, resolve_device
+from sopvit.models import build_model
 from sopvit.sop import SOPObjective
 from sopvit.train.inputs import Batch, PretrainInputs
 from sopvit.train.optim import build_optimizer, set_schedule
 from sopvit.train.schedules import ScheduleValues
 from sopvit.train.step import StepContext, train_step
-from sopvit.train.trainer import autocast_dtype, build_model, resolve_device
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; pass --peak-tflops for anything else.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}

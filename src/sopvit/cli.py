@@ -94,8 +94,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from sopvit import distributed
+    from sopvit.device import resolve_device
     from sopvit.eval import get_evaluator, load_protocols
-    from sopvit.eval.cache import resolve_device
     from sopvit.export import load_pretrained, load_reference_checkpoint
 
     load_protocols()

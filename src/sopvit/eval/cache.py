@@ -7,7 +7,6 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from sopvit.config import check
 from sopvit.data.datasets import DATASET_NAMES, InMemoryDataset, build_dataset
 from sopvit.data.transforms import EvalTransform, MultiCropSpec
+from sopvit.device import autocast, resolve_device
 from sopvit.distributed import all_reduce_min, barrier, gather_shards, is_main_process, shard
 from sopvit.eval.features import tensor_batches
 from sopvit.models import Backbone
@@ -53,12 +53,6 @@ class EvalDataConfig:
         check(self.batch_size > 0, "batch_size", "must be > 0")
         check(self.limit is None or self.limit > 0, "limit", "must be > 0 or null")
         check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device", "unknown")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def backbone_fingerprint(backbone: nn.Module) -> str:
@@ -206,7 +200,7 @@ def extract_dataset_features(
         batches = from_loader()
     was_training = backbone.training
     backbone.eval().to(device)
-    bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    bf16 = autocast(device)
     feats = []
     with bf16:
         for x in batches:

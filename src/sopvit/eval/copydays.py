@@ -20,7 +20,6 @@ variant, so a strong attack is matched to the original(s) sharing its first four
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -34,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from sopvit.config.coerce import check
 from sopvit.data.transforms import MultiCropSpec
+from sopvit.device import autocast, resolve_device
 from sopvit.distributed import gather_shards, shard
-from sopvit.eval.cache import resolve_device
 from sopvit.eval.registry import register
 from sopvit.eval.retrieval import compute_map
 from sopvit.models import Backbone
@@ -149,7 +148,7 @@ def extract_features(backbone: Backbone, paths: Sequence[Path], cfg: CopydaysCon
     loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     was_training = backbone.training
     backbone.eval().to(device)
-    bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    bf16 = autocast(device)
     dim = backbone.embed_dim * (2 if cfg.use_cls else 1)
     feats, oks = [torch.empty(0, dim, device=device)], [torch.empty(0, dtype=torch.long, device=device)]
     with bf16:

@@ -15,7 +15,6 @@ rank tracks a strided share of the videos and the per-object scores are gathered
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +25,8 @@ from PIL import Image
 
 from sopvit.config.coerce import check
 from sopvit.data.transforms import MultiCropSpec
+from sopvit.device import autocast, resolve_device
 from sopvit.distributed import all_gather_rows, shard
-from sopvit.eval.cache import resolve_device
 from sopvit.eval.davis_metrics import boundary_f, global_means, object_mean, region_similarity
 from sopvit.eval.registry import register
 from sopvit.models import Backbone
@@ -144,7 +143,7 @@ def video_features(
     """
     w0, h0 = Image.open(frames[0]).size
     size = _frame_size(w0, h0, backbone.patch_size, cfg.image_size)
-    bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    bf16 = autocast(device)
     for start in range(0, len(frames), cfg.batch_size):
         chunk = frames[start : start + cfg.batch_size]
         for path in chunk:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sopvit.device import autocast
 
 
 def normalize_images(
@@ -39,10 +40,9 @@ def extract_cls_features(
     """
     was_training = backbone.training
     backbone.eval()
-    bf16 = device.type == "cuda" if bf16 is None else bf16
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    precision = "auto" if bf16 is None else ("bf16" if bf16 else "fp32")
     out = []
-    with autocast:
+    with autocast(device, precision):
         for x in batches:
             out.append(F.normalize(backbone(x.to(device, non_blocking=True))["cls"].float(), dim=-1).cpu())
     backbone.train(was_training)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sized
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -31,8 +30,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from sopvit.config import check
 from sopvit.data.datasets import build_dataset
 from sopvit.data.transforms import EvalTransform, SupervisedTrainTransform
+from sopvit.device import autocast, resolve_device
 from sopvit.distributed import all_gather_rows, all_reduce_min, rank, shard, world_size
-from sopvit.eval.cache import EvalDataConfig, check_in_chans, resolve_device
+from sopvit.eval.cache import EvalDataConfig, check_in_chans
 from sopvit.eval.finetune_model import Classifier, param_groups, set_drop_path
 from sopvit.eval.registry import register
 from sopvit.eval.subsets import check_subset, dataset_labels, low_shot_indices, split_paths
@@ -90,7 +90,7 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> floa
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader[dict[str, Any]], device: torch.device) -> float:
     model.eval()
-    bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    bf16 = autocast(device)
     correct = seen = 0
     with bf16:
         for batch in loader:
@@ -183,7 +183,7 @@ def run(backbone: Backbone, cfg: FinetuneConfig) -> dict[str, float]:
     peak = cfg.lr * batch * world / 256  # the linear scaling rule, on the global batch
     steps_per_epoch = len(train_loader)
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    bf16 = autocast(device)
     step = 0
     for epoch in range(cfg.epochs):
         if sampler is not None:

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from sopvit.config import check
-from sopvit.eval.cache import EvalDataConfig, resolve_device, split_features
+from sopvit.device import resolve_device
+from sopvit.eval.cache import EvalDataConfig, split_features
 from sopvit.eval.registry import register
 from sopvit.models import Backbone
 

@@ -23,12 +23,12 @@ from torch import Tensor
 
 from sopvit.config import check
 from sopvit.data.transforms import SupervisedTrainTransform
+from sopvit.device import resolve_device
 from sopvit.distributed import rank
 from sopvit.eval.cache import (
     EvalDataConfig,
     check_layers,
     extract_dataset_features,
-    resolve_device,
     resolve_layers,
     split_features,
 )

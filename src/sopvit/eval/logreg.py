@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sopvit.config import check
-from sopvit.eval.cache import EvalDataConfig, check_layers, resolve_device, split_features
+from sopvit.device import resolve_device
+from sopvit.eval.cache import EvalDataConfig, check_layers, split_features
 from sopvit.eval.linear import standardise
 from sopvit.eval.registry import register
 from sopvit.eval.subsets import check_subset, low_shot_indices, split_paths

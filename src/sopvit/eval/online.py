@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from sopvit.config.pretrain import PretrainConfig
 from sopvit.data.datasets import InMemoryDataset, build_dataset
 from sopvit.data.transforms import EvalTransform, MultiCropSpec
+from sopvit.device import autocast_dtype
 from sopvit.eval.features import extract_cls_features, tensor_batches
 from sopvit.eval.knn import knn_accuracy
 
@@ -45,7 +46,8 @@ def knn_of_backbone(
     for split in ("train", "test"):
         ds = build_dataset(name, cfg.run.knn_path, split, transform=transform, limit=cfg.run.knn_limit)
         batches, labels = _batches(ds, size, cfg.data.in_chans, batch_size)
-        bf16 = cfg.train.precision == "bf16" or device.type == "cuda"
+        # the training run's precision rule, so fp32 training gets fp32 features on a GPU too
+        bf16 = autocast_dtype(cfg.train.precision, device) is not None
         feats.append((extract_cls_features(backbone, batches, device, bf16), labels))
     (train_f, train_y), (test_f, test_y) = feats
     return knn_accuracy(train_f, train_y, test_f, test_y, ks=(k,))[k]

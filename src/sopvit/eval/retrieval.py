@@ -13,7 +13,6 @@ rank extracts a strided share of the images; the gathered features, hence the sc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +25,7 @@ from PIL import Image
 from sopvit import distributed
 from sopvit.config.coerce import check
 from sopvit.data.transforms import MultiCropSpec
-from sopvit.eval.cache import resolve_device
+from sopvit.device import autocast, resolve_device
 from sopvit.eval.registry import register
 from sopvit.models import Backbone
 from sopvit.safe_load import UnsafeFileError, load_data_pickle
@@ -169,7 +168,7 @@ def multiscale_features(
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
     feat = torch.zeros(len(imgs), backbone.embed_dim, device=device)
-    bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    bf16 = autocast(device)
     for scale in cfg.scales:
         arrs = [
             np.asarray(_resized(img, cfg.image_size * scale, backbone.patch_size), dtype=np.float32)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 from torch import Tensor
 
 from sopvit.config import check
-from sopvit.eval.cache import EvalDataConfig, check_layers, resolve_device, split_features
+from sopvit.device import resolve_device
+from sopvit.eval.cache import EvalDataConfig, check_layers, split_features
 from sopvit.eval.linear import OPTIMIZERS, LinearConfig, standardise, train_linear_heads
 from sopvit.eval.registry import register
 from sopvit.models import Backbone

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from sopvit.device import autocast
 from sopvit.distributed import all_reduce_min
 from sopvit.models import StudentTeacher
 from sopvit.sop import SOPObjective
@@ -33,9 +34,7 @@ class StepContext:
     on_nan: str  # "stop" | "skip"
 
     def autocast(self) -> AbstractContextManager[object]:
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, "fp32" if self.autocast_dtype is None else "bf16")
 
 
 def _check_finite(metrics: dict[str, torch.Tensor]) -> str | None:

@@ -17,7 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 from sopvit import distributed as dist
 from sopvit.config import ConfigError, config_to_dict, save_config
 from sopvit.config.pretrain import PretrainConfig
-from sopvit.models import StudentTeacher
+from sopvit.device import autocast_dtype, resolve_device
+from sopvit.models import build_model
 from sopvit.sop import SOPObjective
 from sopvit.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from sopvit.train.inputs import PretrainInputs
@@ -25,21 +26,6 @@ from sopvit.train.monitor import Monitor
 from sopvit.train.optim import build_optimizer, set_schedule
 from sopvit.train.schedules import Schedules
 from sopvit.train.step import StepContext, train_step
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-    return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast when asked, or by default on CUDA; None means float32 throughout."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -57,39 +43,6 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
     random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def build_model(cfg: PretrainConfig) -> StudentTeacher:
-    """Student and teacher encoders for ``cfg.model`` at the global crop size of ``cfg.data``."""
-    m = cfg.model
-    arch_overrides = {
-        k: v
-        for k, v in (
-            ("patch_size", m.patch_size),
-            ("embed_dim", m.embed_dim),
-            ("depth", m.depth),
-            ("num_heads", m.num_heads),
-        )
-        if v is not None
-    }
-    try:
-        return _create(cfg, arch_overrides)
-    except AssertionError as err:  # timm validates sizes with asserts
-        raise ConfigError(f"timm cannot build {m.arch} with {arch_overrides}: {err}", "model") from err
-
-
-def _create(cfg: PretrainConfig, arch_overrides: dict[str, int]) -> StudentTeacher:
-    m = cfg.model
-    return StudentTeacher.create(
-        m.arch,
-        cfg.data.global_size,
-        cfg.data.in_chans,
-        m.drop_path_rate,
-        m.head_hidden_dim,
-        m.head_bottleneck_dim,
-        m.head_layers,
-        **arch_overrides,
-    )
 
 
 # Settings that fix tensor shapes: a run can only continue with the same values.
