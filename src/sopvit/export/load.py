@@ -15,7 +15,7 @@ from torch import Tensor
 from sopvit.config import ConfigError, apply_overrides
 from sopvit.config.coerce import merge
 from sopvit.config.pretrain import PretrainConfig
-from sopvit.models import Backbone, Encoder, create_backbone
+from sopvit.models import Backbone, Encoder, build_model, create_backbone
 from sopvit.safe_load import UnsafeFileError, load_torch
 from sopvit.train.checkpoint import LATEST, CheckpointError, load_checkpoint
 
@@ -72,9 +72,6 @@ def read_run(source: str | Path) -> tuple[dict[str, Any], PretrainConfig, Path]:
 
 def teacher_encoder(state: Mapping[str, Any], cfg: PretrainConfig) -> Encoder:
     """The EMA teacher (backbone + head) of a training checkpoint, in eval mode."""
-    # Imported here: the trainer pulls in data and distributed code that plain loading never needs.
-    from sopvit.train.trainer import build_model
-
     teacher = build_model(cfg).teacher
     teacher.load_state_dict(state["teacher"], strict=True)
     return teacher.eval()

@@ -1,6 +1,7 @@
 """Backbones (timm ViT/Swin with a mask token), projection head and student/teacher encoders."""
 
 from sopvit.models.backbone import Backbone
+from sopvit.models.build import build_model
 from sopvit.models.factory import (
     ARCHS,
     ArchSpec,
@@ -21,6 +22,7 @@ __all__ = [
     "ProjectionHead",
     "StudentTeacher",
     "available_archs",
+    "build_model",
     "create_backbone",
     "describe_archs",
     "get_arch_spec",

@@ -17,7 +17,7 @@ from sopvit.config.coerce import merge
 from sopvit.config.loader import validate_config
 from sopvit.config.pretrain import PretrainConfig
 from sopvit.data.transforms import EvalTransform, to_uint8_chw
-from sopvit.models.backbone import Backbone
+from sopvit.models import Backbone, build_model
 from sopvit.train.checkpoint import LATEST, load_checkpoint
 
 
@@ -51,8 +51,6 @@ def load_run(run_dir_or_checkpoint: str | Path) -> Run:
 
 def load_teacher_backbone(run: Run) -> Backbone:
     """The run's teacher backbone (the encoder SOP evaluates), in eval mode on the CPU."""
-    from sopvit.train.trainer import build_model  # the trainer imports a lot; only pay for it here
-
     if "teacher" not in run.state:
         raise ValueError(f"checkpoint {run.checkpoint} holds no 'teacher' weights")
     # Building the model draws random initial weights; keep the caller's RNG stream untouched.
