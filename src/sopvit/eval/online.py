@@ -19,14 +19,25 @@ from sopvit.eval.knn import knn_accuracy
 
 def _batches(
     dataset: object, size: int, in_chans: int, batch_size: int
-) -> tuple[Iterator[torch.Tensor], torch.Tensor]:
+) -> tuple[Iterator[torch.Tensor], list[torch.Tensor]]:
+    """Image batches, and the list their labels fill in as the batches are consumed.
+
+    Labels come with the images they belong to: reading them up front would decode every file once more,
+    and a corrupt file (replaced by the next one) would shift them.
+    """
     mean, std = MultiCropSpec(in_chans=in_chans).stats
     if isinstance(dataset, InMemoryDataset):
-        return tensor_batches(dataset.images, batch_size, mean, std, size), dataset.labels
+        return tensor_batches(dataset.images, batch_size, mean, std, size), [dataset.labels]
     ds = cast(Dataset[dict[str, Any]], dataset)
     loader: DataLoader[dict[str, Any]] = DataLoader(ds, batch_size=batch_size, num_workers=2)
-    labels = torch.tensor([ds[i]["label"] for i in range(len(ds))])  # type: ignore[arg-type]
-    return (b["image"] for b in loader), labels
+    labels: list[torch.Tensor] = []
+
+    def images() -> Iterator[torch.Tensor]:
+        for batch in loader:
+            labels.append(batch["label"])
+            yield batch["image"]
+
+    return images(), labels
 
 
 def knn_of_backbone(
@@ -48,6 +59,7 @@ def knn_of_backbone(
         batches, labels = _batches(ds, size, cfg.data.in_chans, batch_size)
         # the training run's precision rule, so fp32 training gets fp32 features on a GPU too
         bf16 = autocast_dtype(cfg.train.precision, device) is not None
-        feats.append((extract_cls_features(backbone, batches, device, bf16), labels))
+        features = extract_cls_features(backbone, batches, device, bf16)
+        feats.append((features, torch.cat(labels)))
     (train_f, train_y), (test_f, test_y) = feats
     return knn_accuracy(train_f, train_y, test_f, test_y, ks=(k,))[k]
