@@ -20,6 +20,7 @@ from collections.abc import Sized
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
@@ -164,6 +165,8 @@ def run(backbone: Backbone, cfg: FinetuneConfig) -> dict[str, float]:
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
     torch.manual_seed(cfg.seed + rank())  # same head init everywhere, own mixing and drop-path draws
+    # timm's Mixup draws lambda, the mixup/cutmix switch and the CutMix box from numpy's global RNG
+    np.random.seed((cfg.seed + rank()) % 2**32)
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     mixer = (
         Mixup(
