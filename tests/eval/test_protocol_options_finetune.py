@@ -1,0 +1,354 @@
+"""Every FinetuneConfig field in a test where a wrong value changes a number (see test_protocol_options).
+
+A fine-tuning run is observed through spies on what ``run`` builds: the optimizer (the lr and weight
+decay of every parameter group at every step), the classifier (its training inputs and final weights),
+the mixer and the losses (the targets), the train transform and the evaluation. The accuracy alone,
+on 32 test images after one epoch, would hide most options.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from timm.data import Mixup
+from torch import Tensor, nn
+from torchvision.transforms import v2
+
+from sopvit.data.fashion_mnist import load_fashion_mnist
+from sopvit.eval import finetune
+from sopvit.eval.finetune_model import Classifier
+from sopvit.eval.subsets import dataset_labels
+from tests.eval.test_protocol_options import (
+    FOLDER,
+    GREY_MEAN,
+    GREY_STD,
+    Obs,
+    Row,
+    Scenario,
+    backbone_for,
+    differs,
+    every,
+    folder_row,
+    make_folder,
+    raises,
+    reproducible,
+    same,
+    same_on_cpu,
+    spy,
+)
+
+LIMIT, BATCH, DEPTH = 32, 8, 2  # vit_test has 2 blocks
+AdamW = torch.optim.AdamW
+CrossEntropyLoss = nn.CrossEntropyLoss
+
+# no random content but the crop and flip: no mixing, no RandAugment, no drop path
+PLAIN = (("mixup", 0.0), ("cutmix", 0.0), ("randaug_n", 0), ("drop_path", 0.0))
+
+
+def observe_finetune(backbone: Any) -> Any:
+    def observe(cfg: finetune.FinetuneConfig) -> Obs:
+        steps: list[list[tuple[float, float, float]]] = []
+        models: list[Classifier] = []
+        inputs: list[Tensor] = []
+        hard: list[Tensor] = []
+        smoothing: list[float] = []
+        mixes: list[dict[str, Any]] = []
+        transforms: list[Any] = []
+        evals: list[tuple[tuple[Any, ...], Any]] = []
+        subsets: list[tuple[tuple[Any, ...], Any]] = []
+
+        class Optimizer(AdamW):
+            def step(self, closure: Any = None) -> Any:
+                steps.append([(g["lr"], g["weight_decay"], g["lr_scale"]) for g in self.param_groups])
+                return super().step(closure)
+
+        class Model(Classifier):
+            def __init__(self, *args: Any) -> None:
+                super().__init__(*args)
+                models.append(self)
+
+            def forward(self, x: Tensor) -> Tensor:
+                if self.training:
+                    inputs.append(x.detach().clone())
+                return super().forward(x)
+
+        class Mixer(Mixup):
+            def __init__(self, **kwargs: Any) -> None:
+                super().__init__(**kwargs)
+                mixes.append({"kwargs": kwargs, "calls": []})
+
+            def __call__(self, x: Tensor, target: Tensor) -> Any:
+                before, labels = x.clone(), target.clone()
+                x, soft = super().__call__(x, target)
+                mixes[-1]["calls"].append((before, x.clone(), labels, soft))
+                return x, soft
+
+        class PlainLoss(CrossEntropyLoss):
+            def __init__(self, **kwargs: Any) -> None:
+                super().__init__(**kwargs)
+                smoothing.append(self.label_smoothing)
+
+            def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+                hard.append(target.clone())
+                return super().forward(logits, target)
+
+        class Transform(finetune.SupervisedTrainTransform):
+            def __init__(self, *args: Any) -> None:
+                super().__init__(*args)
+                transforms.append(self)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.optim, "AdamW", Optimizer)
+            mp.setattr(finetune, "Classifier", Model)
+            mp.setattr(finetune, "Mixup", Mixer)
+            mp.setattr(nn, "CrossEntropyLoss", PlainLoss)
+            mp.setattr(finetune, "SupervisedTrainTransform", Transform)
+            spy(mp, finetune, "evaluate", evals)
+            spy(mp, finetune, "low_shot_indices", subsets)
+            out = finetune.run(backbone, cfg)
+        model = models[0]
+        return {
+            "out": out,
+            "steps": steps,
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "inputs": inputs,
+            "targets": hard,
+            "idx": subsets[0][1],
+            "eval_labels": dataset_labels(evals[0][0][1].dataset),
+            "drop_path": [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.backbone.model.blocks],
+            "_smoothing": smoothing,
+            "_mix": mixes,
+            "_transform": transforms[0],
+        }
+
+    return observe
+
+
+# ------------------------------------------------------------------------------------------ checks
+def schedule(sc: Scenario, row: Row) -> None:
+    """Per-step lr of every group: linear warm-up to lr * batch / 256, cosine to min_lr, times
+    layer_decay ** (depth + 1 - layer) (head 1, last block decay, ..., embeddings decay ** (depth + 1))."""
+    cfg, steps = sc.cfg(**row.overrides), sc.alt(row)["steps"]
+    batch = min(cfg.train_batch_size, cfg.limit)
+    per_epoch = cfg.limit // batch  # the last, partial batch is dropped
+    total, warm = cfg.epochs * per_epoch, round(cfg.warmup_epochs * per_epoch)
+    peak = cfg.lr * batch / 256
+    assert len(steps) == total
+    for t, groups in enumerate(steps):
+        if t < warm:
+            lr = peak * (t + 1) / warm
+        else:
+            lr = cfg.min_lr + (peak - cfg.min_lr) * (1 + math.cos(math.pi * (t - warm) / (total - warm))) / 2
+        scales = sorted({scale for _, _, scale in groups})
+        assert scales == pytest.approx(sorted(cfg.layer_decay**k for k in range(DEPTH + 2)))
+        assert [g[0] for g in groups] == pytest.approx([lr * scale for _, _, scale in groups], rel=1e-9)
+
+
+def decay_groups(sc: Scenario, row: Row) -> None:
+    assert {wd for _, wd, _ in sc.alt(row)["steps"][0]} == {0.0, row.value}
+
+
+def drop_path_rates(rates: list[float]) -> Any:
+    def check(sc: Scenario, row: Row) -> None:
+        assert sc.alt(row)["drop_path"] == pytest.approx(rates)  # linear in depth, from 0
+
+    return check
+
+
+def mixed(sc: Scenario, row: Row) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    (mixer,) = sc.alt(row)["_mix"]
+    cfg = sc.cfg(**row.overrides)
+    assert (mixer["kwargs"]["mixup_alpha"], mixer["kwargs"]["cutmix_alpha"]) == (cfg.mixup, cfg.cutmix)
+    assert mixer["calls"]
+    return list(mixer["calls"])
+
+
+def soft_targets(y: Tensor, lam: float, smoothing: float, n_classes: int = 10) -> Tensor:
+    """Each image's smoothed one-hot blended with its partner's (the batch reversed), weights lam, 1 - lam."""
+    one = torch.full((len(y), n_classes), smoothing / n_classes)
+    one[torch.arange(len(y)), y] += 1 - smoothing
+    return lam * one + (1 - lam) * one.flip(0)
+
+
+def lam_of(y: Tensor, target: Tensor, smoothing: float) -> float:
+    """The blend weight, read off the own class of an image whose partner is of another class."""
+    i = int((y != y.flip(0)).nonzero()[0])
+    return float((target[i, y[i]] - smoothing / 10) / (1 - smoothing))
+
+
+def mixup_only(sc: Scenario, row: Row) -> None:
+    """Mixup: images and targets blended with the same lam."""
+    s = sc.cfg(**row.overrides).label_smoothing
+    for before, after, y, target in mixed(sc, row):
+        lam = lam_of(y, target, s)
+        assert torch.allclose(target, soft_targets(y, lam, s), atol=1e-5)
+        assert torch.allclose(after, lam * before + (1 - lam) * before.flip(0), atol=1e-5)
+
+
+def cutmix_only(sc: Scenario, row: Row) -> None:
+    """CutMix: every pixel is the image's own or its partner's, never a blend."""
+    s = sc.cfg(**row.overrides).label_smoothing
+    pasted = 0
+    for before, after, y, target in mixed(sc, row):
+        assert bool(((after == before) | (after == before.flip(0))).all())
+        pasted += int((after != before).sum())
+        assert torch.allclose(target, soft_targets(y, lam_of(y, target, s), s), atol=1e-5)
+    assert pasted > 0
+
+
+def smoothed_targets(sc: Scenario, row: Row) -> None:
+    """Through the mixer: a class neither image has gets exactly label_smoothing / classes."""
+    for _, _, _, target in mixed(sc, row):
+        assert float(target.min()) == pytest.approx(row.value / 10)
+
+
+def smoothed_loss(sc: Scenario, row: Row) -> None:
+    """Without mixing the loss smooths hard labels itself."""
+    obs = sc.alt(row)
+    assert obs["_smoothing"] == [sc.cfg(**row.overrides).label_smoothing]
+    assert obs["targets"] and not obs["_mix"]
+
+
+def randaug(ops: int | None, magnitude: int = 9) -> Any:
+    def check(sc: Scenario, row: Row) -> None:
+        steps = sc.alt(row)["_transform"].pipeline.transforms
+        found = [(t.num_ops, t.magnitude) for t in steps if isinstance(t, v2.RandAugment)]
+        assert found == ([] if ops is None else [(ops, magnitude)])
+
+    return check
+
+
+def views(images: Tensor, size: int) -> Tensor:
+    """Standardised whole images resized as RandomResizedCrop resizes its crop (uint8, antialiased)."""
+    return (v2.functional.resize(images, [size, size], antialias=True).float() / 255 - GREY_MEAN) / GREY_STD
+
+
+def whole_image_views(sc: Scenario, row: Row) -> None:
+    """Crops of scale 1 are whole images: every training input is a train image or its mirror."""
+    cfg = sc.cfg(**row.overrides)
+    images, _ = load_fashion_mnist(cfg.train_split, limit=cfg.limit)
+    plain, mirror = views(images, cfg.image_size), views(images.flip(-1), cfg.image_size)
+    for x in sc.alt(row)["inputs"]:
+        assert x.shape[-1] == cfg.image_size
+        err = [(x[:, None] - v[None]).flatten(2).abs().amax(-1).amin(1) for v in (plain, mirror)]
+        assert bool((torch.minimum(*err) < 1e-5).all())
+    smaller = sc.observe(**{**row.overrides, "crop_scale_min": 0.08})["inputs"][0]  # smaller crops are not
+    assert not bool(((smaller[:, None] - plain[None]).flatten(2).abs().amax(-1) < 1e-5).any())
+
+
+def trained_on(split: str) -> Any:
+    def check(sc: Scenario, row: Row) -> None:
+        _, labels = load_fashion_mnist(split, limit=LIMIT)
+        seen = torch.cat(sc.alt(row)["targets"])  # one epoch of full batches: every image once
+        assert sorted(seen.tolist()) == sorted(labels.tolist())
+
+    return check
+
+
+def evaluated_on(split: str) -> Any:
+    def check(sc: Scenario, row: Row) -> None:
+        assert sc.alt(row)["eval_labels"].tolist() == load_fashion_mnist(split, limit=LIMIT)[1].tolist()
+
+    return check
+
+
+def train_size(n: int) -> Any:
+    def check(sc: Scenario, row: Row) -> None:
+        assert sc.alt(row)["out"]["finetune_train_size"] == n
+
+    return check
+
+
+def subset_trained(sc: Scenario, row: Row) -> None:
+    """The listed images, once each per epoch (6 images: one batch of 6)."""
+    _, labels = load_fashion_mnist("train", limit=LIMIT)
+    assert sc.alt(row)["idx"].tolist() == [1, 4, 9, 16, 25, 30]
+    assert sorted(torch.cat(sc.alt(row)["targets"]).tolist()) == sorted(
+        labels[[1, 4, 9, 16, 25, 30]].tolist()
+    )
+
+
+def balanced_half(sc: Scenario, row: Row) -> None:
+    _, labels = load_fashion_mnist("train", limit=LIMIT)
+    counts = torch.bincount(labels).tolist()
+    expected = [max(1, round(n / 2)) for n in counts]
+    obs = sc.alt(row)
+    assert torch.bincount(labels[obs["idx"]], minlength=len(counts)).tolist() == expected
+    assert obs["out"]["finetune_train_size"] == sum(expected)
+
+
+def nothing_cached(sc: Scenario, row: Row) -> None:
+    """Fine-tuning has no frozen features to cache: the numbers stay, no file appears."""
+    same(atol=0.0)(sc, row)
+    assert not list(Path(sc.cfg(**row.overrides).cache_dir).glob("**/*"))
+
+
+def evaluated_folder(sc: Scenario, row: Row) -> None:
+    obs = sc.alt(row)
+    assert obs["out"]["finetune_train_size"] == 8 and obs["eval_labels"].tolist() == [0] * 4 + [1] * 4
+
+
+FINETUNE_ROWS = [
+    Row("epochs", 2, every(schedule, differs("state"))),
+    Row("warmup_epochs", 0.0, every(schedule, differs("state"))),
+    Row("train_batch_size", 4, every(schedule, differs("state"))),
+    Row("lr", 1e-3, every(schedule, differs("state"))),
+    Row("min_lr", 1e-4, every(schedule, differs("state"))),
+    Row("layer_decay", 0.5, every(schedule, differs("state"))),
+    Row("weight_decay", 0.2, every(decay_groups, differs("state"))),
+    Row("drop_path", 0.3, every(drop_path_rates([0.0, 0.3]), differs("state"))),
+    Row("mixup", 0.0, every(cutmix_only, differs("state"))),
+    Row("cutmix", 0.0, every(mixup_only, differs("state"))),
+    Row("mixup", 0.0, every(smoothed_loss, differs("state")), (("cutmix", 0.0),)),
+    Row("label_smoothing", 0.3, every(smoothed_targets, differs("state"))),
+    Row("label_smoothing", 0.3, every(smoothed_loss, differs("state")), PLAIN),
+    Row("randaug_n", 0, every(randaug(None), differs("state"))),
+    Row("randaug_m", 3, every(randaug(2, 3), differs("state"))),
+    Row("crop_scale_min", 1.0, every(whole_image_views, differs("state")), PLAIN),
+    Row("image_size", 20, whole_image_views, (*PLAIN, ("crop_scale_min", 1.0))),
+    # Workers draw augmentations from their own seeded streams, so only a pipeline without random
+    # content (whole crops of mirror-symmetric images) can give the same numbers for any worker count.
+    Row("num_workers", 2, same(atol=0.0), (*PLAIN, ("crop_scale_min", 1.0), *FOLDER)),
+    Row("subset_file", "{tmp}/subset.txt", every(subset_trained, train_size(6)), PLAIN),
+    Row("subset_fraction", 0.5, balanced_half),
+    Row("seed", 1, every(differs("state"), reproducible)),
+    Row("seed", 1, every(balanced_half, differs("idx")), (("subset_fraction", 0.5),)),
+    Row("train_split", "test", trained_on("test"), PLAIN),
+    Row("test_split", "train", evaluated_on("train")),
+    Row("limit", 16, every(train_size(16), schedule)),
+    Row("in_chans", 3, raises(ValueError, "in_chans")),
+    *(folder_row(f, evaluated_folder) for f in ("dataset", "path")),
+    Row("batch_size", 5, same(atol=0.0)),  # the evaluation batch
+    Row("device", "auto", same_on_cpu),
+    Row("cache_dir", "{tmp}/cache", nothing_cached),
+]
+
+TABLES = {"finetune": (finetune.FinetuneConfig, FINETUNE_ROWS)}
+
+
+@pytest.fixture(scope="module")
+def finetune_scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
+    tmp = tmp_path_factory.mktemp("finetune")
+    make_folder(tmp / "folder")
+    (tmp / "subset.txt").write_text("1\n4\n9\n16\n25\n30\n")
+    (tmp / "cache").mkdir()
+    backbone = backbone_for(1)
+    base = finetune.FinetuneConfig(
+        image_size=16,
+        limit=LIMIT,
+        epochs=1,
+        warmup_epochs=0.5,
+        train_batch_size=BATCH,
+        num_workers=0,
+        device="cpu",
+    )
+    return Scenario(base, observe_finetune(backbone), backbone, tmp)
+
+
+@pytest.mark.parametrize("row", FINETUNE_ROWS, ids=str)
+def test_finetune_option(finetune_scenario: Scenario, row: Row) -> None:
+    row.check(finetune_scenario, row)
