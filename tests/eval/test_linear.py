@@ -121,3 +121,19 @@ def test_auto_layers_follow_the_paper_per_architecture() -> None:
     assert resolve_layers("last1", create_backbone("vit_test", img_size=16, in_chans=1)) == "last1"
     with pytest.raises(ValueError, match="layers"):
         LinearConfig(layers="abcd4").validate()
+
+
+def test_augmented_views_do_not_depend_on_the_batch_size() -> None:
+    # each image's crop is seeded by (seed, epoch, image): not by which loader worker drew it first
+    torch.manual_seed(0)
+    backbone = create_backbone("vit_test", img_size=16, in_chans=1)
+    clean, _ = extract_dataset_features(backbone, "fashion_mnist", None, "train", 16, 1, 64, 40, CPU, "cls")
+    views = [
+        augmented_epochs(
+            backbone,
+            LinearConfig(layers="cls", image_size=16, limit=40, device="cpu", augment=True, batch_size=b),
+            clean,
+        )(1)
+        for b in (7, 64)
+    ]
+    torch.testing.assert_close(views[0], views[1], atol=1e-5, rtol=1e-5)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from sopvit.config import check
 from sopvit.data.datasets import DATASET_NAMES, InMemoryDataset, build_dataset
+from sopvit.data.seeding import SeededSamples
 from sopvit.data.transforms import EvalTransform, MultiCropSpec
 from sopvit.device import autocast, resolve_device
 from sopvit.distributed import all_reduce_min, barrier, gather_shards, is_main_process, shard
@@ -162,6 +163,7 @@ def extract_dataset_features(
     device: torch.device,
     layers: str = "cls",
     transform: Callable[[Any], Tensor] | None = None,
+    transform_seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Raw float32 features (N, F) and labels (N,) of a split, in data-set order.
 
@@ -169,6 +171,8 @@ def extract_dataset_features(
     concatenated) or "cls+avgpool" ([CLS] + mean patch token of the last block).
     transform: per-image preprocessing replacing the deterministic one (e.g. random crops for an
     augmented linear probe); it must return normalised (C, image_size, image_size) tensors.
+    transform_seed: seeds a random ``transform`` per image, by (transform_seed, image index), so the views
+    do not depend on the batch size, the loader's workers or the number of ranks.
     """
     if not _LAYERS.match(layers):
         raise ValueError(f"layers must be 'cls', 'cls+avgpool' or 'lastN', got {layers!r}")
@@ -180,6 +184,8 @@ def extract_dataset_features(
     if transform is None and not in_memory:
         transform = EvalTransform(image_size, in_chans=in_chans)
     ds = build_dataset(dataset_name, path, split, transform=transform, limit=limit)
+    if transform_seed is not None:
+        ds = SeededSamples(ds, transform_seed)
     n = len(cast(Any, ds))
     mine = torch.tensor(shard(n), dtype=torch.long)
     mean, std = MultiCropSpec(in_chans=in_chans).stats

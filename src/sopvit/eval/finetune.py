@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from sopvit.config import check
 from sopvit.data.datasets import build_dataset
+from sopvit.data.seeding import SeededSamples
 from sopvit.data.transforms import EvalTransform, SupervisedTrainTransform
 from sopvit.device import autocast, resolve_device
 from sopvit.distributed import all_gather_rows, all_reduce_min, rank, shard, world_size
@@ -119,6 +120,8 @@ def run(backbone: Backbone, cfg: FinetuneConfig) -> dict[str, float]:
         cfg.image_size, cfg.in_chans, cfg.randaug_n, cfg.randaug_m, (cfg.crop_scale_min, 1.0)
     )
     train_ds = build_dataset(cfg.dataset, cfg.path, cfg.train_split, transform=train_tf, limit=cfg.limit)
+    # each image's views depend on (seed, epoch, image) alone, not on num_workers or the rank count
+    seeded = SeededSamples(train_ds, cfg.seed)
     test_ds = build_dataset(
         cfg.dataset,
         cfg.path,
@@ -132,7 +135,7 @@ def run(backbone: Backbone, cfg: FinetuneConfig) -> dict[str, float]:
     n_classes = int(max(labels.max(), dataset_labels(test_ds).max())) + 1
     names = split_paths(cfg.dataset, cfg.path, cfg.train_split, cfg.limit)
     subset = low_shot_indices(labels, cfg.subset_file, cfg.subset_fraction, cfg.seed, names)
-    train_sub = Subset(train_ds, subset.tolist())
+    train_sub = Subset(seeded, subset.tolist())
     world = world_size()
     # drop_last keeps every batch even-sized (timm Mixup pairs samples) unless the subset is tiny
     batch = min(cfg.train_batch_size, len(train_sub) // world)
@@ -191,6 +194,7 @@ def run(backbone: Backbone, cfg: FinetuneConfig) -> dict[str, float]:
     for epoch in range(cfg.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
+        seeded.set_epoch(epoch)
         trained.train()
         for b in train_loader:
             x, y = b["image"].to(device, non_blocking=True), torch.as_tensor(b["label"]).to(device)

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sopvit.config import check
+from sopvit.data.seeding import mix_seed
 from sopvit.data.transforms import SupervisedTrainTransform
 from sopvit.device import resolve_device
-from sopvit.distributed import rank
 from sopvit.eval.cache import (
     EvalDataConfig,
     check_layers,
@@ -91,8 +91,6 @@ def augmented_epochs(backbone: Backbone, cfg: LinearConfig, clean_train: Tensor)
     device = resolve_device(cfg.device)
 
     def features(epoch: int) -> Tensor:
-        # seeds the loader's augmentation: reruns see the same views; ranks draw different ones
-        torch.manual_seed(cfg.seed * 100_003 + epoch * 1009 + rank())
         x, _ = extract_dataset_features(
             backbone,
             cfg.dataset,
@@ -105,6 +103,7 @@ def augmented_epochs(backbone: Backbone, cfg: LinearConfig, clean_train: Tensor)
             device,
             cfg.layers,
             transform=transform,
+            transform_seed=mix_seed(cfg.seed, epoch),  # views of (seed, epoch, image) alone
         )
         return ((x - mean) / std).to(device)
 

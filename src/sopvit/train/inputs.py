@@ -20,6 +20,7 @@ from sopvit.config.pretrain import DataConfig
 from sopvit.data.batched import BatchMultiCrop
 from sopvit.data.datasets import InMemoryDataset, build_dataset
 from sopvit.data.masking import BlockMaskGenerator
+from sopvit.data.seeding import SeededSamples, mix_seed
 from sopvit.data.transforms import MultiCropSpec, MultiCropTransform
 
 
@@ -29,15 +30,6 @@ class Batch:
     masks: torch.Tensor  # bool (2B, gh, gw): global1 images, then global2 images
     ids: torch.Tensor  # (B,) data-set index of each image
     skipped: int  # unreadable files replaced in this batch
-
-
-def _mix(*values: int) -> int:
-    """Deterministic 63-bit seed from integers (a splitmix-style hash; Python's hash() is salted)."""
-    x = 0x9E3779B97F4A7C15
-    for v in values:
-        x = (x ^ (v + 0x9E3779B97F4A7C15 + (x << 6) + (x >> 2))) & 0xFFFFFFFFFFFFFFFF
-        x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    return x >> 1
 
 
 class StepPlan:
@@ -65,7 +57,7 @@ class StepPlan:
         epoch, position = divmod(micro_step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._perm = torch.randperm(
-                self.n_images, generator=torch.Generator().manual_seed(_mix(self.seed, epoch))
+                self.n_images, generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch))
             )
             self._epoch = epoch
         start = position * self.global_batch + self.rank * self.batch_size
@@ -77,16 +69,15 @@ class _SeededSamples(Dataset[dict[str, Any]]):
     on how the global batch is split over ranks or micro-batches."""
 
     def __init__(self, dataset: Dataset[dict[str, Any]], masks: BlockMaskGenerator, seed: int) -> None:
-        self.dataset, self.masks, self.seed = dataset, masks, seed
+        self.samples, self.masks, self.seed = SeededSamples(dataset, seed), masks, seed
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
-        seed = _mix(self.seed, epoch, index)
-        # torchvision's v2 transforms draw from the global RNG: fork it so the caller's stream is untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            sample = self.dataset[index]
-        sample["masks"] = self.masks.sample(2, torch.Generator().manual_seed(seed ^ 1))
+        self.samples.set_epoch(epoch)
+        sample = dict(self.samples[index])
+        sample["masks"] = self.masks.sample(
+            2, torch.Generator().manual_seed(mix_seed(self.seed, epoch, index) ^ 1)
+        )
         return sample
 
 
@@ -155,7 +146,7 @@ class PretrainInputs:
             persistent_workers=False,
             # Without its own generator the loader draws its workers' base seed from the global RNG each
             # time it starts, so a resumed run's drop path would drift from the uninterrupted run's.
-            generator=torch.Generator().manual_seed(_mix(self.seed, start)),
+            generator=torch.Generator().manual_seed(mix_seed(self.seed, start)),
         )
         yield from loader
 
@@ -164,7 +155,7 @@ class PretrainInputs:
         images = cast(InMemoryDataset, self.dataset).images.to(device)
         for m in range(start, stop):
             idx = self.plan.indices(m)
-            gen = torch.Generator().manual_seed(_mix(self.seed, m, self.rank))
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, m, self.rank))
             crops = augment(images[idx.to(device)], gen)
             masks = self.masks.sample(2 * len(idx), gen)
             yield Batch(crops=crops, masks=masks, ids=idx, skipped=0)
