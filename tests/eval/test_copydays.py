@@ -89,7 +89,7 @@ def test_whitening_gives_identity_covariance() -> None:
     mixing = torch.randn(6, 6, generator=gen) * torch.tensor([5.0, 2.0, 1.0, 0.5, 0.2, 0.1])
     feats = torch.randn(400, 6, generator=gen) @ mixing + 3.0
     for dim, expected_dim in ((None, 6), (3, 3)):
-        mean, proj = learn_whitening(feats, dim)
+        mean, proj = learn_whitening(feats, dim, centred_covariance=True)
         white = (feats - mean) @ proj
         assert proj.shape == (6, expected_dim)
         cov = white.T @ white / white.shape[0]
@@ -157,3 +157,18 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert result["copydays_n_queries"] == 8 and result["copydays_n_db"] == 9
     assert main([*args[:4], f"root={tmp_path / 'missing'}"]) == 2
     assert "root folder not found" in capsys.readouterr().err
+
+
+def test_default_whitening_is_dinos_uncentred_second_moment() -> None:
+    gen = torch.Generator().manual_seed(1)
+    feats = torch.randn(300, 5, generator=gen) * torch.tensor([3.0, 1.0, 0.5, 0.2, 0.1]) + 2.0
+    mean, proj = learn_whitening(feats)
+    x = feats.double()
+    eigval, eigvec = torch.linalg.eigh(x.T @ x / x.shape[0])  # DINO: torch.mm(X.T, X) / n, no centring
+    order = torch.argsort(eigval, descending=True)
+    expected = (eigvec[:, order] / eigval[order].sqrt()).float()
+    torch.testing.assert_close(mean, feats.mean(0))
+    # eigenvectors are defined up to sign
+    torch.testing.assert_close(proj.abs(), expected.abs(), atol=1e-5, rtol=1e-4)
+    _, centred = learn_whitening(feats, centred_covariance=True)
+    assert not torch.allclose(centred.abs(), proj.abs(), atol=1e-3)

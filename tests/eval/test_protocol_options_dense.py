@@ -274,7 +274,8 @@ def copydays_exact(sc: Scenario, row: Row) -> None:
         white = ref_copy_features(
             sc.backbone, listing("whitening", cfg.limit), cfg.image_size, cfg.gem_p, cfg.use_cls
         )
-        mean, proj = copydays.learn_whitening(white, cfg.pca_dim)  # pinned by test_copydays
+        # pinned by test_copydays
+        mean, proj = copydays.learn_whitening(white, cfg.pca_dim, cfg.whitening_centred)
         q, db = (q - mean) @ proj, (db - mean) @ proj
     assert close(obs["q"], q, atol=1e-4) and close(obs["db"], db, atol=1e-4)
     scores = F.normalize(q, dim=1) @ F.normalize(db, dim=1).T
@@ -322,6 +323,8 @@ COPYDAYS_ROWS = [
     Row("whitening", "{tmp}/cd/whitening", every(copydays_exact, differs("q"))),
     Row("pca_dim", 4, every(copydays_exact, width(4)), WHITEN),
     Row("pca_dim", 4, same(atol=0.0)),  # without whitening there is nothing to reduce
+    Row("whitening_centred", True, every(copydays_exact, differs("q")), WHITEN),
+    Row("whitening_centred", True, same(atol=0.0)),  # without whitening there is nothing to centre
     Row("limit", 1, every(copydays_exact, db_size(7), map_moves(up=True))),
     Row("limit", 3, every(copydays_exact, differs("q")), WHITEN),  # the first 3 whitening images
     Row("top_k", 1, every(copydays_exact, map_moves(up=False))),

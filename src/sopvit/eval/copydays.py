@@ -52,6 +52,8 @@ class CopydaysConfig:
     distractors: str | None = None  # folder of extra database images (DINO: 10k YFCC100M)
     whitening: str | None = None  # folder to learn PCA whitening on (DINO: 20k YFCC100M); null: none
     pca_dim: int | None = None  # whitened dimensions kept; null: all, as DINO
+    # PCA of the centred covariance; false: of the uncentred second moment, as DINO's code does
+    whitening_centred: bool = False
     limit: int | None = None  # first N (sorted) distractor and whitening images (smoke tests)
     top_k: int | None = 20  # DINO scores the 20 nearest only; null: the full ranking
     num_workers: int = 4
@@ -165,15 +167,21 @@ def extract_features(backbone: Backbone, paths: Sequence[Path], cfg: CopydaysCon
     return features
 
 
-def learn_whitening(feats: Tensor, dim: int | None = None) -> tuple[Tensor, Tensor]:
-    """``(mean (D,), projection (D, d))`` such that ``(feats - mean) @ projection`` has identity covariance.
+def learn_whitening(
+    feats: Tensor, dim: int | None = None, centred_covariance: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``(mean (D,), projection (D, d))``: features are mapped to ``(x - mean) @ projection``.
 
-    Eigenvalues below 1e-5 of the largest are floored there, as DINO, so rank-deficient sets stay finite.
+    DINO's ``eval_copy_detection.py`` subtracts the mean from the features it whitens but takes the PCA
+    of the *uncentred* second moment ``X^T X / n``; that is the default here, to reproduce published
+    numbers. ``centred_covariance=True`` uses the covariance proper, so that the whitened training
+    features have identity covariance. Eigenvalues below 1e-5 of the largest are floored there, as DINO,
+    so rank-deficient sets stay finite.
     """
     x = feats.double()
     mean = x.mean(dim=0)
-    centred = x - mean
-    eigval, eigvec = torch.linalg.eigh(centred.T @ centred / x.shape[0])
+    basis = x - mean if centred_covariance else x
+    eigval, eigvec = torch.linalg.eigh(basis.T @ basis / x.shape[0])
     eigval = eigval.clamp_min(float(eigval.max()) * 1e-5)
     keep = torch.argsort(eigval, descending=True)[:dim]
     return mean.float(), (eigvec[:, keep] / eigval[keep].sqrt()).float()
@@ -207,7 +215,7 @@ def run(backbone: Backbone, cfg: CopydaysConfig) -> dict[str, float]:
         if cfg.pca_dim is not None and cfg.pca_dim > db_feats.shape[1]:
             raise ValueError(f"copydays: pca_dim {cfg.pca_dim} exceeds the feature size {db_feats.shape[1]}")
         whitening_feats = extract_features(backbone, list_images(cfg.whitening, "whitening", cfg.limit), cfg)
-        mean, proj = learn_whitening(whitening_feats, cfg.pca_dim)
+        mean, proj = learn_whitening(whitening_feats, cfg.pca_dim, cfg.whitening_centred)
         query_feats, db_feats = (query_feats - mean) @ proj, (db_feats - mean) @ proj
     return {
         "copydays_strong_map": copy_detection_map(query_feats, db_feats, positives, cfg.top_k),
