@@ -54,6 +54,24 @@ def test_run_on_fashion_mnist(tmp_path: object) -> None:
     backbone = create_backbone("vit_test", img_size=28, in_chans=1)
     cfg = KNNConfig(ks=(1, 20), limit=300, batch_size=128, device="cpu", cache_dir=str(tmp_path))
     out = run(backbone, cfg)
-    assert set(out) == {"knn_top1@1", "knn_top1@20"}
+    assert set(out) == {"knn_top1@1", "knn_top1@20", "knn_top5@1", "knn_top5@20"}
+    assert out["knn_top5@1"] == out["knn_top1@1"]  # one neighbour: one candidate class
+    assert out["knn_top5@20"] >= out["knn_top1@20"]
     assert all(math.isfinite(v) and 0 <= v <= 100 for v in out.values())
     assert run(backbone, cfg) == out  # second call from the cache
+
+
+def test_top5_counts_the_true_class_among_the_five_most_voted() -> None:
+    from sopvit.eval.knn import knn_accuracies
+
+    # 7 training images of 7 classes at decreasing similarity to the query (cos 1.0, 0.9, ..., 0.4)
+    angles = torch.arange(7) * 0.1
+    train = torch.stack([1 - angles, (1 - (1 - angles) ** 2).sqrt()], dim=1)
+    labels = torch.arange(7)
+    query = torch.tensor([[1.0, 0.0]])
+    for truth, expected in ((0, (100.0, 100.0)), (4, (0.0, 100.0)), (5, (0.0, 0.0))):
+        got = knn_accuracies(train, labels, query, torch.tensor([truth]), ks=(7,), temperature=0.1)
+        assert got == {7: expected}, truth
+    # with 3 neighbours only 3 classes are candidates, and an unvoted class never counts
+    assert knn_accuracies(train, labels, query, torch.tensor([3]), ks=(3,)) == {3: (0.0, 0.0)}
+    assert knn_accuracies(train, labels, query, torch.tensor([2]), ks=(3,)) == {3: (0.0, 100.0)}
