@@ -14,7 +14,11 @@ import torch
 
 from sopvit.safe_load import UnsafeFileError, load_torch
 
-FORMAT_VERSION = 1
+# 2: the optimizer state follows the reference weight-decay rule ([CLS]/position/mask tokens decayed);
+# a version-1 optimizer state has other parameter groups and cannot resume under it. Its weights, memories
+# and config are the same, so version 1 is still read for export, evaluation and visualisation.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 LATEST = "checkpoint.pt"
 
 
@@ -66,9 +70,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a sopvit training checkpoint (no format_version)")
     version = state["format_version"]
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
         raise CheckpointError(
-            f"checkpoint {path} has format version {version}; this sopvit reads version {FORMAT_VERSION}"
+            f"checkpoint {path} has format version {version}; this sopvit reads versions {readable}"
         )
     return state
 

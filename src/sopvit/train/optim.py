@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+try:
+    from timm.optim import param_groups_weight_decay
+except ImportError:  # older timm (1.0.9, which pyproject allows) has it only in optim_factory
+    from timm.optim.optim_factory import param_groups_weight_decay
 
-def param_groups(model: nn.Module) -> list[dict]:
-    """Two AdamW groups: weights (decayed) and biases / norms / tokens (never decayed).
 
-    The groups carry ``apply_wd`` so the weight-decay schedule touches only the first.
+def param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Two AdamW groups, always in this order: decayed weights, then parameters never decayed.
+
+    The rule is the reference code's (DINO/iBOT/SOP ``utils.get_params_groups``): every trainable
+    parameter is decayed except biases and 1-D parameters (norm weights). The [CLS] token, position
+    embedding and mask token are decayed, as there. timm's ``param_groups_weight_decay`` applies the
+    rule (it also spares 0-d parameters, which sopvit's models do not have); its group order (no-decay
+    first) is rearranged here so that the order, which a saved optimizer state depends on, stays fixed.
+    The groups carry ``apply_wd`` so the weight-decay schedule (:func:`set_schedule`) touches only the
+    first.
     """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
+    # Any weight decay > 0 asks timm to split; the value itself is replaced by the schedule every step.
+    split = {g["weight_decay"] > 0: g["params"] for g in param_groups_weight_decay(model, weight_decay=1.0)}
     return [
-        {"params": decay, "apply_wd": True},
-        {"params": no_decay, "apply_wd": False, "weight_decay": 0.0},
+        {"params": split.get(True, []), "apply_wd": True},
+        {"params": split.get(False, []), "apply_wd": False, "weight_decay": 0.0},
     ]
 
 

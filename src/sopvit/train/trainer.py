@@ -20,7 +20,13 @@ from sopvit.config.pretrain import PretrainConfig
 from sopvit.device import autocast_dtype, resolve_device
 from sopvit.models import build_model
 from sopvit.sop import SOPObjective
-from sopvit.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from sopvit.train.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from sopvit.train.inputs import PretrainInputs
 from sopvit.train.monitor import Monitor
 from sopvit.train.optim import build_optimizer, set_schedule
@@ -183,6 +189,12 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path)
+        if state["format_version"] != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path} was written by an older sopvit (format {state['format_version']}) whose optimizer "
+                f"groups differ from this version's (format {FORMAT_VERSION}), so the run cannot resume "
+                "exactly; export or evaluate it as it is, or start a new run.output_dir"
+            )
         check_compatible(state.get("config", {}), config_to_dict(self.cfg), path)
         self.model.student.load_state_dict(state["student"])
         self.model.teacher.load_state_dict(state["teacher"])
