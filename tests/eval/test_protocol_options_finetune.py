@@ -1,9 +1,10 @@
 """Every FinetuneConfig field in a test where a wrong value changes a number (see test_protocol_options).
 
 A fine-tuning run is observed through spies on what ``run`` builds: the optimizer (the lr and weight
-decay of every parameter group at every step), the classifier (its training inputs and final weights),
-the mixer and the losses (the targets), the train transform and the evaluation. The accuracy alone,
-on 32 test images after one epoch, would hide most options.
+decay of every parameter group at every step), the classifier (its training and test inputs and final
+weights), the mixer and the losses (the targets), the train transform and the evaluations (after which
+step each ran, and its top-1). The accuracy alone, on 32 test images after one epoch, would hide most
+options.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 from timm.data import Mixup
+from timm.data.auto_augment import RandAugment
+from timm.data.random_erasing import RandomErasing
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
@@ -45,8 +49,9 @@ LIMIT, BATCH, DEPTH = 32, 8, 2  # vit_test has 2 blocks
 AdamW = torch.optim.AdamW
 CrossEntropyLoss = nn.CrossEntropyLoss
 
-# no random content but the crop and flip: no mixing, no RandAugment, no drop path
-PLAIN = (("mixup", 0.0), ("cutmix", 0.0), ("randaug_n", 0), ("drop_path", 0.0))
+# no random content but the crop and flip: no mixing, no RandAugment, no random erasing, no drop path
+NO_ERASING = (("mixup", 0.0), ("cutmix", 0.0), ("auto_augment", None), ("drop_path", 0.0))
+PLAIN = (*NO_ERASING, ("reprob", 0.0))
 
 
 def observe_finetune(backbone: Any) -> Any:
@@ -54,11 +59,13 @@ def observe_finetune(backbone: Any) -> Any:
         steps: list[list[tuple[float, float, float]]] = []
         models: list[Classifier] = []
         inputs: list[Tensor] = []
+        test_inputs: list[Tensor] = []
         hard: list[Tensor] = []
         smoothing: list[float] = []
         mixes: list[dict[str, Any]] = []
         transforms: list[Any] = []
         evals: list[tuple[tuple[Any, ...], Any]] = []
+        evaluated: list[int] = []
         subsets: list[tuple[tuple[Any, ...], Any]] = []
 
         class Optimizer(AdamW):
@@ -72,8 +79,7 @@ def observe_finetune(backbone: Any) -> Any:
                 models.append(self)
 
             def forward(self, x: Tensor) -> Tensor:
-                if self.training:
-                    inputs.append(x.detach().clone())
+                (inputs if self.training else test_inputs).append(x.detach().clone())
                 return super().forward(x)
 
         class Mixer(Mixup):
@@ -97,8 +103,8 @@ def observe_finetune(backbone: Any) -> Any:
                 return super().forward(logits, target)
 
         class Transform(finetune.SupervisedTrainTransform):
-            def __init__(self, *args: Any) -> None:
-                super().__init__(*args)
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
                 transforms.append(self)
 
         with pytest.MonkeyPatch.context() as mp:
@@ -109,6 +115,13 @@ def observe_finetune(backbone: Any) -> Any:
             mp.setattr(finetune, "SupervisedTrainTransform", Transform)
             spy(mp, finetune, "evaluate", evals)
             spy(mp, finetune, "low_shot_indices", subsets)
+            spied = finetune.evaluate
+
+            def evaluate(*args: Any) -> float:
+                evaluated.append(len(steps))  # after how many optimizer steps
+                return float(spied(*args))
+
+            mp.setattr(finetune, "evaluate", evaluate)
             out = finetune.run(backbone, cfg)
         model = models[0]
         return {
@@ -116,6 +129,9 @@ def observe_finetune(backbone: Any) -> Any:
             "steps": steps,
             "state": {k: v.clone() for k, v in model.state_dict().items()},
             "inputs": inputs,
+            "test_inputs": torch.cat(test_inputs),  # every evaluation's, whatever the evaluation batch
+            "evaluated": evaluated,
+            "top1s": [top1 for _, top1 in evals],
             "targets": hard,
             "idx": subsets[0][1],
             "eval_labels": dataset_labels(evals[0][0][1].dataset),
@@ -130,13 +146,14 @@ def observe_finetune(backbone: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------ checks
 def schedule(sc: Scenario, row: Row) -> None:
-    """Per-step lr of every group: linear warm-up to lr * batch / 256, cosine to min_lr, times
-    layer_decay ** (depth + 1 - layer) (head 1, last block decay, ..., embeddings decay ** (depth + 1))."""
+    """Per-step lr of every group: linear warm-up to lr (as given, whatever the batch: BEiT's script does
+    not rescale it), cosine to min_lr, times layer_decay ** (depth + 1 - layer) (head 1, last block decay,
+    ..., embeddings decay ** (depth + 1))."""
     cfg, steps = sc.cfg(**row.overrides), sc.alt(row)["steps"]
     batch = min(cfg.train_batch_size, cfg.limit)
     per_epoch = cfg.limit // batch  # the last, partial batch is dropped
     total, warm = cfg.epochs * per_epoch, round(cfg.warmup_epochs * per_epoch)
-    peak = cfg.lr * batch / 256
+    peak = cfg.lr
     assert len(steps) == total
     for t, groups in enumerate(steps):
         if t < warm:
@@ -213,31 +230,124 @@ def smoothed_loss(sc: Scenario, row: Row) -> None:
     assert obs["targets"] and not obs["_mix"]
 
 
-def randaug(ops: int | None, magnitude: int = 9) -> Any:
+# timm's RandAugment op lists: 'inc1' picks the variants whose strength grows with the magnitude
+INCREASING = [
+    *("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing"),
+    *("SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"),
+    *("ShearX", "ShearY", "TranslateXRel", "TranslateYRel"),
+]
+PLAIN_OPS = [name.removesuffix("Increasing") for name in INCREASING]
+
+
+def rand_augment_of(obs: Obs) -> list[RandAugment]:
+    steps = obs["_transform"].pipeline.transforms
+    return [t.augment for t in steps if isinstance(t, finetune.TimmRandAugment)]
+
+
+def rand_augment(layers: int, ops: list[str], magnitude: int, std: float) -> Any:
+    """The RandAugment timm builds from the string: ops per image, op list, magnitude and its noise, with
+    create_transform's hyper-parameters (translations to 45% of the size, the grey mean as fill, bicubic)."""
+
     def check(sc: Scenario, row: Row) -> None:
-        steps = sc.alt(row)["_transform"].pipeline.transforms
-        found = [(t.num_ops, t.magnitude) for t in steps if isinstance(t, v2.RandAugment)]
-        assert found == ([] if ops is None else [(ops, magnitude)])
+        (ra,) = rand_augment_of(sc.alt(row))
+        assert ra.num_layers == layers and [op.name for op in ra.ops] == ops
+        for op in ra.ops:
+            assert (op.magnitude, op.magnitude_std, op.prob) == (magnitude, std, 0.5)
+            assert op.hparams["translate_const"] == int(sc.cfg(**row.overrides).image_size * 0.45)
+            assert op.hparams["img_mean"] == (round(255 * GREY_MEAN),)
+            assert op.kwargs["resample"] == Image.Resampling.BICUBIC
 
     return check
 
 
-def views(images: Tensor, size: int) -> Tensor:
-    """Standardised whole images resized as RandomResizedCrop resizes its crop (uint8, antialiased)."""
-    return (v2.functional.resize(images, [size, size], antialias=True).float() / 255 - GREY_MEAN) / GREY_STD
+def no_rand_augment(sc: Scenario, row: Row) -> None:
+    """None turns RandAugment off; the default is timm's 'rand-m9-mstd0.5-inc1' (BEiT's --aa)."""
+    assert rand_augment_of(sc.alt(row)) == []
+    (default,) = rand_augment_of(sc.ref(row))
+    assert default.num_layers == 2 and [op.name for op in default.ops] == INCREASING
+    assert {(op.magnitude, op.magnitude_std) for op in default.ops} == {(9, 0.5)}
+
+
+def views(images: Tensor, size: int, interpolation: str = "bicubic") -> Tensor:
+    """Standardised whole images, resized as the crop or the test Resize resizes them (uint8, antialiased)."""
+    mode = v2.InterpolationMode(interpolation)
+    resized = v2.functional.resize(images, [size, size], interpolation=mode, antialias=True)
+    return (resized.float() / 255 - GREY_MEAN) / GREY_STD
 
 
 def whole_image_views(sc: Scenario, row: Row) -> None:
     """Crops of scale 1 are whole images: every training input is a train image or its mirror."""
     cfg = sc.cfg(**row.overrides)
     images, _ = load_fashion_mnist(cfg.train_split, limit=cfg.limit)
-    plain, mirror = views(images, cfg.image_size), views(images.flip(-1), cfg.image_size)
+    plain = views(images, cfg.image_size, cfg.train_interpolation)
+    mirror = views(images.flip(-1), cfg.image_size, cfg.train_interpolation)
     for x in sc.alt(row)["inputs"]:
         assert x.shape[-1] == cfg.image_size
         err = [(x[:, None] - v[None]).flatten(2).abs().amax(-1).amin(1) for v in (plain, mirror)]
         assert bool((torch.minimum(*err) < 1e-5).all())
     smaller = sc.observe(**{**row.overrides, "crop_scale_min": 0.08})["inputs"][0]  # smaller crops are not
     assert not bool(((smaller[:, None] - plain[None]).flatten(2).abs().amax(-1) < 1e-5).any())
+
+
+def erased(x: Tensor) -> Tensor:
+    """Which images hold erased pixels: timm's 'pixel' mode fills with normal noise, off the uint8 grid
+    that every other (standardised) pixel lies on."""
+    levels = (x * GREY_STD + GREY_MEAN) * 255
+    return ((levels - levels.round()).abs() > 1e-3).flatten(1).any(1)
+
+
+def erasing(p: float) -> Any:
+    """The transform holds timm's RandomErasing(p, 'pixel', one box); that share of the images is erased."""
+
+    def check(sc: Scenario, row: Row) -> None:
+        obs = sc.alt(row)
+        found = [t for t in obs["_transform"].pipeline.transforms if isinstance(t, RandomErasing)]
+        if p == 0:
+            assert found == []
+        else:
+            assert [(t.probability, t.mode, t.min_count, t.max_count) for t in found] == [(p, "pixel", 1, 1)]
+        share = float(torch.cat([erased(x) for x in obs["inputs"]]).float().mean())
+        if p in (0.0, 1.0):
+            assert share == p
+        else:
+            assert 0.1 < share < 0.5, share
+
+    return check
+
+
+def interpolated(name: str) -> Any:
+    def check(sc: Scenario, row: Row) -> None:
+        (crop,) = [
+            t for t in sc.alt(row)["_transform"].pipeline.transforms if isinstance(t, v2.RandomResizedCrop)
+        ]
+        assert crop.interpolation == v2.InterpolationMode(name)
+
+    return check
+
+
+def eval_views(sc: Scenario, row: Row) -> None:
+    """The test images, resized 28 -> image_size with the eval interpolation (no crop: native size)."""
+    cfg = sc.cfg(**row.overrides)
+    images, _ = load_fashion_mnist(cfg.test_split, limit=cfg.limit)
+    expected = views(images, cfg.image_size, cfg.eval_interpolation)
+    assert torch.allclose(sc.alt(row)["test_inputs"], expected, atol=1e-5, rtol=0)
+    other = "bicubic" if cfg.eval_interpolation == "bilinear" else "bilinear"
+    assert not torch.allclose(views(images, cfg.image_size, other), expected, atol=1e-3, rtol=0)
+
+
+def evaluated_after(epochs: list[int]) -> Any:
+    """Evaluated after these epochs only; last = the final one, best = the first epoch at the maximum."""
+
+    def check(sc: Scenario, row: Row) -> None:
+        obs, cfg = sc.alt(row), sc.cfg(**row.overrides)
+        per_epoch = cfg.limit // cfg.train_batch_size
+        assert obs["evaluated"] == [e * per_epoch for e in epochs]
+        top1s, out = obs["top1s"], obs["out"]
+        assert out["finetune_top1"] == top1s[-1]
+        assert out["finetune_best_top1"] == max(top1s) >= out["finetune_top1"]
+        assert out["finetune_best_epoch"] == epochs[top1s.index(max(top1s))]
+
+    return check
 
 
 def trained_on(split: str) -> Any:
@@ -306,10 +416,32 @@ FINETUNE_ROWS = [
     Row("mixup", 0.0, every(smoothed_loss, differs("state")), (("cutmix", 0.0),)),
     Row("label_smoothing", 0.3, every(smoothed_targets, differs("state"))),
     Row("label_smoothing", 0.3, every(smoothed_loss, differs("state")), PLAIN),
-    Row("randaug_n", 0, every(randaug(None), differs("state"))),
-    Row("randaug_m", 3, every(randaug(2, 3), differs("state"))),
+    Row("auto_augment", None, every(no_rand_augment, differs("state"))),
+    Row("auto_augment", "rand-m5-n3-mstd0", every(rand_augment(3, PLAIN_OPS, 5, 0.0), differs("state"))),
+    Row("auto_augment", "rand-m9-q1", raises(ValueError, "auto_augment")),
+    Row("reprob", 1.0, every(erasing(1.0), differs("state")), NO_ERASING),
+    Row("reprob", 0.0, every(erasing(0.0), differs("state")), NO_ERASING),
+    Row("reprob", 0.25, erasing(0.25), NO_ERASING),  # the default: about a quarter of the images
     Row("crop_scale_min", 1.0, every(whole_image_views, differs("state")), PLAIN),
     Row("image_size", 20, whole_image_views, (*PLAIN, ("crop_scale_min", 1.0))),
+    Row(
+        "train_interpolation",
+        "bilinear",
+        every(interpolated("bilinear"), whole_image_views, differs("inputs")),
+        (*PLAIN, ("crop_scale_min", 1.0), ("image_size", 20)),
+    ),
+    Row(
+        "train_interpolation",
+        "bicubic",  # the default
+        every(interpolated("bicubic"), whole_image_views),
+        (*PLAIN, ("crop_scale_min", 1.0), ("image_size", 20)),
+    ),
+    Row("eval_interpolation", "bicubic", every(eval_views, differs("test_inputs"))),
+    Row("eval_interpolation", "bilinear", eval_views),  # the default (BEiT's Resize(interpolation=2))
+    # evaluating never changes the training: the same weights whichever epochs are evaluated
+    Row("eval_every", 2, every(evaluated_after([2, 3]), same("state", "steps", atol=0.0)), (("epochs", 3),)),
+    Row("eval_every", 1, evaluated_after([1, 2, 3]), (("epochs", 3),)),  # the default: every epoch
+    Row("eval_every", 5, evaluated_after([3]), (("epochs", 3),)),  # the last epoch always
     # Workers draw augmentations from their own seeded streams, so only a pipeline without random
     # content (whole crops of mirror-symmetric images) can give the same numbers for any worker count.
     Row("num_workers", 2, same(atol=0.0), (*PLAIN, ("crop_scale_min", 1.0), *FOLDER)),
