@@ -97,17 +97,22 @@ def _eval(args: argparse.Namespace) -> int:
     from sopvit.device import resolve_device
     from sopvit.eval import get_evaluator, load_protocols
     from sopvit.export import load_pretrained, load_reference_checkpoint
+    from sopvit.export.load import load_teacher_encoder
+    from sopvit.models import Backbone, Encoder
 
     load_protocols()
     evaluator = get_evaluator(args.name)
     cfg: Any = load_config(evaluator.config, args.config, args.overrides)
-    if args.arch:  # a bare state dict (timm, SOP/iBOT/DINO reference code) does not name its architecture
-        backbone = load_reference_checkpoint(args.checkpoint, args.arch).requires_grad_(True)
+    model: Backbone | Encoder
+    if evaluator.needs_head:  # the protocol trains part of the projection head: only a run holds it
+        model = load_teacher_encoder(args.checkpoint, f"sopvit eval {evaluator.name}")
+    elif args.arch:  # a bare state dict (timm, SOP/iBOT/DINO reference code) does not name its architecture
+        model = load_reference_checkpoint(args.checkpoint, args.arch).requires_grad_(True)
     else:
-        backbone = load_pretrained(args.checkpoint)
+        model = load_pretrained(args.checkpoint)
     # Under torchrun every rank extracts its shard of the images; one process needs no group.
     distributed.init_distributed(resolve_device(getattr(cfg, "device", "auto")).type)
-    result = evaluator.run(backbone, cfg)
+    result = evaluator.run(model, cfg)
     if not distributed.is_main_process():
         return 0
     width = max(len(k) for k in result)

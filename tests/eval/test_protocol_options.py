@@ -6,8 +6,8 @@ result moves away from the base run, asserts that a field which must not matter 
 workers, cache, device) leaves the numbers unchanged, or that a wrong value is refused. This module
 holds the machinery and ``test_every_config_field_has_a_row``, which fails when a config gains a field
 that no table lists; the tables are in ``test_protocol_options_frozen.py`` (k-NN, linear, logreg,
-robustness), ``test_protocol_options_finetune.py`` and ``test_protocol_options_dense.py`` (retrieval,
-DAVIS, Copydays).
+robustness), ``test_protocol_options_finetune.py``, ``test_protocol_options_semisup.py`` and
+``test_protocol_options_dense.py`` (retrieval, DAVIS, Copydays).
 
 Where a protocol's output is too coarse to tell two values apart (a top-1 on 40 images), runs are also
 observed through spies on the module-level functions ``run`` calls; the spies call the real ones.
@@ -240,8 +240,9 @@ def option_tables() -> dict[str, tuple[type, list[Row]]]:
     from tests.eval import test_protocol_options_dense as dense
     from tests.eval import test_protocol_options_finetune as finetune
     from tests.eval import test_protocol_options_frozen as frozen
+    from tests.eval import test_protocol_options_semisup as semisup
 
-    return {**frozen.TABLES, **finetune.TABLES, **dense.TABLES}
+    return {**frozen.TABLES, **finetune.TABLES, **dense.TABLES, **semisup.TABLES}
 
 
 def test_every_config_field_has_a_row() -> None:

@@ -1,11 +1,22 @@
-"""Evaluation protocols of the paper, each ``run(backbone, cfg) -> dict[str, float]``, registered by name."""
+"""Evaluation protocols of the paper, each ``run(backbone, cfg) -> dict[str, float]``, registered by name
+(``semisup`` receives the teacher encoder with its projection head: ``Evaluator.needs_head``)."""
 
 import importlib
 
 from sopvit.eval.registry import REGISTRY, Evaluator, get_evaluator, register
 
 # Importing a protocol's module registers it; the list is the suite.
-PROTOCOL_MODULES = ("knn", "linear", "logreg", "finetune", "retrieval", "davis", "robustness", "copydays")
+PROTOCOL_MODULES = (
+    "knn",
+    "linear",
+    "logreg",
+    "finetune",
+    "retrieval",
+    "davis",
+    "robustness",
+    "copydays",
+    "semisup",
+)
 
 
 def load_protocols() -> dict[str, Evaluator]:

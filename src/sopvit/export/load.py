@@ -77,6 +77,34 @@ def teacher_encoder(state: Mapping[str, Any], cfg: PretrainConfig) -> Encoder:
     return teacher.eval()
 
 
+def load_teacher_encoder(path: str | Path, needed_by: str = "this evaluation") -> Encoder:
+    """Teacher backbone + projection head, in eval mode and trainable, of a run directory or its checkpoint.
+
+    Only a training checkpoint holds the head with its architecture; exports and bare state dicts are
+    refused with a one-line ``ValueError`` naming ``needed_by`` and what to pass instead.
+    """
+    path = _require(path)
+    folder = path if path.is_dir() else path.parent
+    hint = f"{needed_by} needs the teacher's projection head; pass the run directory (or its {LATEST})"
+    export = (
+        (path.is_dir() and (path / WEIGHTS).is_file())
+        or path.suffix == ".safetensors"
+        or (path.is_file() and path.suffix == ".pth" and (folder / TIMM_ARGS).is_file())
+    )
+    if export:
+        raise ValueError(f"{path} is an export, which has no projection head: {hint}")
+    try:
+        state, cfg, _ = read_run(path)
+    except UnsafeFileError:
+        raise  # its message names the dangerous type
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(
+            f"{path} is not a sopvit training checkpoint (an export or a bare state dict has no "
+            f"projection head): {hint}"
+        ) from err
+    return teacher_encoder(state, cfg).requires_grad_(True)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; it records the architecture needed to rebuild the model")
