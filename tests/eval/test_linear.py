@@ -1,21 +1,28 @@
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from sopvit.config import load_config
 from sopvit.eval.cache import extract_dataset_features, resolve_layers
 from sopvit.eval.linear import (
+    BestEpoch,
     LinearConfig,
+    LinearHeads,
     augmented_epochs,
     lars_sgd_step,
     run,
     standardise,
     train_linear_heads,
 )
+from sopvit.eval.linear_presets import PRESETS
 from sopvit.models import create_backbone
 
 CPU = torch.device("cpu")
+RECIPES = Path(__file__).resolve().parents[2] / "configs" / "eval"
 
 
 def test_lars_and_sgd_step_by_hand() -> None:
@@ -137,3 +144,71 @@ def test_augmented_views_do_not_depend_on_the_batch_size() -> None:
         for b in (7, 64)
     ]
     torch.testing.assert_close(views[0], views[1], atol=1e-5, rtol=1e-5)
+
+
+def test_presets_resolve_and_a_set_field_wins() -> None:
+    fast = LinearConfig().settings()  # the default: the cached-feature probe, as before the presets
+    assert fast == PRESETS["fast"]
+    assert (fast.augment, fast.standardise, fast.val_every, fast.lars_eta) == (False, True, 0, 1.0)
+    paper = LinearConfig(preset="paper").settings()
+    assert (paper.augment, paper.standardise, paper.val_every, paper.lars_eta) == (True, False, 1, 1e-3)
+    assert len(paper.lrs) * len(paper.weight_decays) * len(paper.optimizers) == 52
+    mixed = LinearConfig(preset="paper", lrs=(0.1,), standardise=True).settings()
+    assert mixed == replace(PRESETS["paper"], lrs=(0.1,), standardise=True)
+
+
+def test_preset_fields_are_checked_by_name() -> None:
+    with pytest.raises(ValueError, match="preset: must be one of 'fast', 'paper'"):
+        LinearConfig(preset="slow").validate()
+    with pytest.raises(ValueError, match="val_every"):
+        LinearConfig(val_every=-1).validate()
+    with pytest.raises(ValueError, match="lars_eta"):
+        LinearConfig(lars_eta=0.0).validate()
+    with pytest.raises(ValueError, match=r"val_fraction: must be 0 with augment \(on in preset 'paper'\)"):
+        LinearConfig(preset="paper", val_fraction=0.1).validate()
+    LinearConfig(
+        preset="paper", augment=False, val_fraction=0.1
+    ).validate()  # no crops: a held-out split is fine
+
+
+@pytest.mark.parametrize(("arch", "layers"), [("small", "last4"), ("base", "cls+avgpool")])
+def test_imagenet_recipes_run_the_paper_preset(arch: str, layers: str) -> None:
+    path = RECIPES / f"linear_vit_{arch}_in1k.yaml"
+    cfg = load_config(LinearConfig, path)
+    assert cfg.preset == "paper" and cfg.settings() == PRESETS["paper"] and cfg.layers == layers
+    assert (cfg.epochs, cfg.train_batch_size, cfg.momentum, cfg.crop_scale_min) == (100, 1024, 0.9, 0.08)
+    # one override switches every value the preset controls (the recipe leaves them to the preset)
+    assert load_config(LinearConfig, path, ["preset=fast"]).settings() == PRESETS["fast"]
+
+
+def test_lars_trust_coefficient_by_hand() -> None:
+    w, grad, buf = torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 1.0]]), torch.zeros(1, 2)
+    lars_sgd_step(w, grad, buf, torch.tensor([0.1]), torch.zeros(1), 0.9, torch.tensor([True]), eta=1e-3)
+    # trust 1e-3 * ||w|| / ||g|| = 1e-3 * 5 / 1: a step of 0.1 * 0.005 along (0, 1)
+    torch.testing.assert_close(w, torch.tensor([[3.0, 4.0 - 5e-4]]))
+
+
+def _heads_predicting(*classes: int) -> LinearHeads:
+    """Heads that predict a fixed class each (through the bias), with lrs 0.1, 0.2 and SGD, LARS."""
+    bias = F.one_hot(torch.tensor(classes), 2).float()
+    lr, wd = torch.tensor([0.1, 0.2], dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    return LinearHeads(torch.zeros(2, 1, 2), bias, lr, wd, torch.tensor([False, True]))
+
+
+@pytest.mark.parametrize(
+    ("val_every", "expected"),
+    [
+        # evaluated after epochs 1, 3, 5: head 1 reaches 75 after 3; after 5 head 0 ties it, the earlier stays
+        (2, {"linear_top1": 75.0, "linear_best_epoch": 3.0, "best_lr": 0.2, "best_is_lars": 1.0}),
+        # after every epoch: head 1 already reaches 75 after epoch 2
+        (1, {"linear_top1": 75.0, "linear_best_epoch": 2.0, "best_lr": 0.2, "best_is_lars": 1.0}),
+        # after the last epoch only: the first of the equal heads there
+        (0, {"linear_top1": 75.0, "linear_best_epoch": 5.0, "best_lr": 0.1, "best_is_lars": 0.0}),
+    ],
+)
+def test_best_epoch_bookkeeping_by_hand(val_every: int, expected: dict[str, float]) -> None:
+    x, y = torch.ones(4, 1), torch.tensor([0, 0, 0, 1])  # predicting class 0: 75 %, class 1: 25 %
+    best = BestEpoch((x, y), None, epochs=5, val_every=val_every)
+    for epoch, classes in enumerate([(1, 1), (1, 0), (1, 0), (0, 1), (0, 0)]):
+        best(epoch, _heads_predicting(*classes))
+    assert best.out == {**expected, "best_wd": 0.0}

@@ -7,6 +7,8 @@ each linear head trained on its own with torch.optim.SGD; logreg judged by the o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -69,17 +71,27 @@ def ref_knn(
     return 100.0 * correct / len(test_y), 100.0 * correct5 / len(test_y)
 
 
-def ref_heads(cfg: linear.LinearConfig, x: Tensor, y: Tensor, n_classes: int) -> list[tuple[Tensor, Tensor]]:
+def ref_heads(
+    cfg: linear.LinearConfig,
+    x: Tensor,
+    y: Tensor,
+    n_classes: int,
+    views: Callable[[int], Tensor] | None = None,
+) -> list[list[tuple[Tensor, Tensor]]]:
     """Each (lr, optimizer, wd) head trained on its own with torch.optim.SGD, as the sweep should.
 
     Shared with the sweep by specification: N(0, 0.01) init of all heads drawn first from a generator
     seeded with ``seed``, then one permutation per epoch from it; cosine lr from lr * batch / 256.
-    LARS rescales the decayed weight gradient by ||w|| / ||g||; biases get neither decay nor LARS.
+    LARS rescales the decayed weight gradient by lars_eta ||w|| / ||g||; biases get neither decay nor
+    LARS. ``views(e)``, when given, are epoch e's train features (augmented). Returns every head's
+    (w, b) after every epoch.
     """
-    grid = [(lr, opt, wd) for lr in cfg.lrs for opt in cfg.optimizers for wd in cfg.weight_decays]
+    s = cfg.settings()
+    grid = [(lr, opt, wd) for lr in s.lrs for opt in s.optimizers for wd in s.weight_decays]
     gen = torch.Generator().manual_seed(cfg.seed)
     w_init = torch.randn(len(grid), x.shape[1], n_classes, generator=gen) * 0.01
     perms = [torch.randperm(len(x), generator=gen) for _ in range(cfg.epochs)]
+    epoch_x = [x if views is None else views(e) for e in range(cfg.epochs)]
     total = cfg.epochs * math.ceil(len(x) / cfg.train_batch_size)
     heads = []
     for (lr, opt, wd), w0 in zip(grid, w_init):
@@ -89,25 +101,34 @@ def ref_heads(cfg: linear.LinearConfig, x: Tensor, y: Tensor, n_classes: int) ->
             {"params": [b]},
         ]
         sgd = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum)
-        step = 0
-        for perm in perms:
+        step, snapshots = 0, []
+        for xe, perm in zip(epoch_x, perms):
             for idx in perm.split(cfg.train_batch_size):
                 for g in sgd.param_groups:
                     g["lr"] = lr * cfg.train_batch_size / 256 * 0.5 * (1 + math.cos(math.pi * step / total))
                 sgd.zero_grad()
-                F.cross_entropy(x[idx] @ w + b, y[idx]).backward()
+                F.cross_entropy(xe[idx] @ w + b, y[idx]).backward()
                 if opt == "lars":
                     with torch.no_grad():
                         g_w = w.grad + wd * w
-                        w.grad.copy_(g_w * (w.norm() / g_w.norm()))
+                        w.grad.copy_(g_w * (s.lars_eta * w.norm() / g_w.norm()))
                 sgd.step()
                 step += 1
-        heads.append((w.detach(), b.detach()))
+            snapshots.append((w.detach().clone(), b.detach().clone()))
+        heads.append(snapshots)
     return heads
 
 
-def ref_linear(backbone: Backbone, cfg: linear.LinearConfig) -> tuple[dict[str, float], Tensor]:
-    """The linear protocol's output and head weights, from ``ref_features`` and ``ref_heads``."""
+def ref_linear(
+    backbone: Backbone, cfg: linear.LinearConfig, views: Callable[[int], Tensor] | None = None
+) -> tuple[dict[str, float], Tensor]:
+    """The linear protocol's output and final head weights, from ``ref_features`` and ``ref_heads``.
+
+    The heads are evaluated after the epochs e (0-based) with e % val_every == 0 and the last, as DINO's
+    ``val_freq``; the reported (epoch, head) has the best picking top-1, the first head and the earliest
+    epoch among equals. ``views``: the run's augmented train features of each epoch.
+    """
+    s = cfg.settings()
     layers = "last2" if cfg.layers == "auto" else cfg.layers  # the paper's choice for a 2-block ViT-S-like
     x, y = ref_features(backbone, cfg.train_split, cfg.limit, cfg.image_size, layers)
     tx, ty = ref_features(backbone, cfg.test_split, cfg.limit, cfg.image_size, layers)
@@ -120,24 +141,36 @@ def ref_linear(backbone: Backbone, cfg: linear.LinearConfig) -> tuple[dict[str, 
         val_y = y[perm[:n_val]]
         others.append(x[perm[:n_val]])
         x, y = x[perm[n_val:]], y[perm[n_val:]]
-    x, *others = ref_standardise(x, *others)
-    heads = ref_heads(cfg, x, y, n_classes)
-    grid = [(lr, opt, wd) for lr in cfg.lrs for opt in cfg.optimizers for wd in cfg.weight_decays]
-    test = [top1(others[0] @ w + b, ty) for w, b in heads]
-    pick = test
+    if s.standardise:
+        x, *others = ref_standardise(x, *others)
+    heads = ref_heads(cfg, x, y, n_classes, views)
+    grid = [(lr, opt, wd) for lr in s.lrs for opt in s.optimizers for wd in s.weight_decays]
+    best: tuple[float, int, int, float] | None = None  # (picking top-1, epoch, head, test top-1)
+    for e in range(cfg.epochs):
+        if e != cfg.epochs - 1 and not (s.val_every > 0 and e % s.val_every == 0):
+            continue
+        test = [top1(others[0] @ w + b, ty) for w, b in (h[e] for h in heads)]
+        pick = (
+            test
+            if cfg.val_fraction == 0
+            else [top1(others[1] @ w + b, val_y) for w, b in (h[e] for h in heads)]
+        )
+        i = pick.index(max(pick))  # the first of equals, as argmax
+        if best is None or pick[i] > best[0]:
+            best = (pick[i], e, i, test[i])
+    assert best is not None
     if cfg.val_fraction > 0:
-        pick = [top1(others[1] @ w + b, val_y) for w, b in heads]
-        out["linear_val_top1"] = max(pick)
-    best = pick.index(max(pick))  # the first of equals, as argmax
-    lr, opt, wd = grid[best]
+        out["linear_val_top1"] = best[0]
+    lr, opt, wd = grid[best[2]]
     out.update(
-        linear_top1=test[best],
+        linear_top1=best[3],
+        linear_best_epoch=float(best[1] + 1),
         best_lr=lr,
         best_wd=wd,
         best_is_lars=float(opt == "lars"),
         feature_dim=float(x.shape[1]),
     )
-    return out, torch.stack([w for w, _ in heads])
+    return out, torch.stack([h[-1][0] for h in heads])
 
 
 def make_in9(root: Path, per_class: int = 4) -> Path:
@@ -204,8 +237,8 @@ def test_knn_option(knn_scenario: Scenario, row: Row) -> None:
 
 # ------------------------------------------------------------------------------------------ linear
 def linear_exact(sc: Scenario, row: Row) -> None:
-    out, w = ref_linear(sc.backbone, sc.cfg(**row.overrides))
     obs = sc.alt(row)
+    out, w = ref_linear(sc.backbone, sc.cfg(**row.overrides), obs["_epochs"])  # the run's own views
     assert obs["out"] == out
     assert close(obs["w"], w, atol=1e-4)
 
@@ -231,16 +264,44 @@ def x_width(dim: int) -> Check:
     return check
 
 
+def head_reads(kind: str) -> Check:
+    """The train features reaching the heads are the backbone's own ("raw") or standardised ones."""
+
+    def check(sc: Scenario, row: Row) -> None:
+        cfg = sc.cfg(**row.overrides)
+        raw, _ = ref_features(sc.backbone, cfg.train_split, cfg.limit, cfg.image_size, cfg.layers)
+        expected = raw if kind == "raw" else ref_standardise(raw)[0]
+        assert close(sc.alt(row)["x"], expected, atol=1e-4)
+        assert not close(raw, ref_standardise(raw)[0], atol=1e-2)  # the two are told apart
+
+    return check
+
+
+def best_epoch(epoch: int, gain: float) -> Check:
+    """The reported head is that of ``epoch``, ``gain`` points above the last epoch's best head, which a
+    run evaluating after the last epoch only (the base) reports."""
+
+    def check(sc: Scenario, row: Row) -> None:
+        out, last = sc.alt(row)["out"], sc.ref(row)["out"]
+        assert out["linear_best_epoch"] == epoch
+        assert last["linear_best_epoch"] == sc.cfg(**row.overrides).epochs
+        assert out["linear_top1"] - last["linear_top1"] == gain
+
+    return check
+
+
 def whole_image_views(sc: Scenario, row: Row) -> None:
     """With crops of scale 1 a random-resized crop is the whole image, so every augmented view is an
-    image or its mirror; smaller crops (the default 0.08) are neither."""
+    image or its mirror (standardised as the clean train features, or raw); smaller crops (the default
+    0.08) are neither."""
     cfg = sc.cfg(**row.overrides)
     views = sc.alt(row)["_epochs"](0)
     clean, _ = ref_features(sc.backbone, cfg.train_split, cfg.limit, cfg.image_size, cfg.layers)
     mirror, _ = ref_features(sc.backbone, cfg.train_split, cfg.limit, cfg.image_size, cfg.layers, flip=True)
-    _, clean_std, mirror_std = ref_standardise(clean, clean, mirror)  # the clean train statistics
-    err_clean = (views - clean_std).abs().amax(1)
-    err_mirror = (views - mirror_std).abs().amax(1)
+    if cfg.settings().standardise:
+        _, clean, mirror = ref_standardise(clean, clean, mirror)  # the clean train statistics
+    err_clean = (views - clean).abs().amax(1)
+    err_mirror = (views - mirror).abs().amax(1)
     whole = torch.minimum(err_clean, err_mirror) < 1e-3
     if cfg.crop_scale_min == 1.0:
         assert bool(whole.all()) and bool((err_clean < 1e-3).any()) and bool((err_mirror < 1e-3).any())
@@ -248,35 +309,92 @@ def whole_image_views(sc: Scenario, row: Row) -> None:
         assert int(whole.sum()) <= len(views) // 4
 
 
+# The paper's protocol, read off github.com/sthalles/sop evaluation/eval_linear_multi.py and utils.LARS
+# (written out here rather than imported, so a changed preset fails this table).
+PAPER = {
+    "augment": True,  # RandomResizedCrop(224) + RandomHorizontalFlip every epoch
+    "standardise": False,  # nn.Linear on the raw tokens
+    "val_every": 1,  # --val_freq 1, best_acc over epochs
+    "lrs": (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.3, 0.5),
+    "weight_decays": (0.0, 1e-6),
+    "optimizers": ("sgd", "lars"),
+    "lars_eta": 1e-3,
+}
+FAST = {  # today's cached probe, as it was before the presets
+    "augment": False,
+    "standardise": True,
+    "val_every": 0,
+    "lrs": (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "weight_decays": (0.0, 1e-6),
+    "optimizers": ("sgd", "lars"),
+    "lars_eta": 1.0,
+}
+PRESET_GRID = (("lrs", None), ("weight_decays", None), ("optimizers", None))  # let the preset choose
+
+
+def preset_is(values: dict[str, Any]) -> Check:
+    def check(sc: Scenario, row: Row) -> None:
+        assert asdict(sc.cfg(**row.overrides).settings()) == values
+
+    return check
+
+
+def heads_grid(sc: Scenario, row: Row) -> None:
+    """The heads are the preset's lr x optimizer x wd grid, in that order."""
+    s, obs = sc.cfg(**row.overrides).settings(), sc.alt(row)["heads"]
+    grid = [(lr, opt, wd) for lr in s.lrs for opt in s.optimizers for wd in s.weight_decays]
+    assert obs["lr"].tolist() == [g[0] for g in grid] and obs["wd"].tolist() == [g[2] for g in grid]
+    assert obs["is_lars"].tolist() == [g[1] == "lars" for g in grid]
+
+
 AUGMENTED = (("augment", True), ("image_size", 28))  # native size: the crop is not resampled
+WHOLE = (*AUGMENTED, ("crop_scale_min", 1.0))
+DECLINING = (("epochs", 4), ("seed", 2))
 
 LINEAR_ROWS = [
+    Row("preset", "paper", every(preset_is(PAPER), heads_grid, linear_exact, head_reads("raw")), PRESET_GRID),
+    Row("preset", "paper", whole_image_views, (("image_size", 28), ("crop_scale_min", 1.0))),  # raw views
+    Row("preset", "fast", every(preset_is(FAST), heads_grid, linear_exact), PRESET_GRID),
+    Row("preset", "paper", raises(ValueError, "val_fraction"), (("val_fraction", 0.25),)),
+    Row("preset", "slow", raises(ValueError, "preset")),
     Row("layers", "last2", every(linear_exact, feature_dim(64))),
     Row("layers", "cls+avgpool", every(linear_exact, feature_dim(64))),
     Row("layers", "auto", every(linear_exact, feature_dim(64))),  # vit_test is narrow: last2
     Row("lrs", (0.5,), every(linear_exact, differs("w"))),
     Row("weight_decays", (0.0, 0.05), linear_exact),
     Row("optimizers", ("sgd", "lars"), linear_exact),
+    Row("lars_eta", 1e-3, every(linear_exact, differs("w")), (("optimizers", ("sgd", "lars")),)),
+    Row("lars_eta", 1e-3, same()),  # SGD heads have no trust ratio
+    Row("lars_eta", 0.0, raises(ValueError, "lars_eta")),
+    Row("standardise", False, every(linear_exact, head_reads("raw"), differs("w"))),
+    Row("standardise", True, every(linear_exact, head_reads("std")), (("preset", "paper"),)),
+    Row("standardise", False, whole_image_views, WHOLE),
+    # seed 2, 4 epochs: the best head's top-1 after each epoch is 15, 27.5, 25, 25
+    Row("val_every", 1, every(linear_exact, best_epoch(2, 2.5)), DECLINING),
+    Row("val_every", 2, every(linear_exact, best_epoch(3, 0.0)), DECLINING),  # after 1, 3, 4; a tie keeps 3
+    Row("val_every", 1, every(linear_exact, differs()), (*DECLINING, ("val_fraction", 0.25))),
+    Row("val_every", -1, raises(ValueError, "val_every")),
     Row("momentum", 0.0, every(linear_exact, differs("w"))),
     Row("epochs", 3, every(linear_exact, differs("w"))),
     Row("train_batch_size", 8, every(linear_exact, differs("w"))),
     Row("val_fraction", 0.25, linear_exact),
     Row("seed", 1, every(linear_exact, differs("w"))),
     Row("augment", True, every(differs("w"), reproducible, whole_image_views), AUGMENTED[1:]),
+    Row("augment", False, every(linear_exact, head_reads("raw")), (("preset", "paper"),)),
     Row("crop_scale_min", 1.0, same()),  # only the augmented path crops
     Row("crop_scale_min", 1.0, whole_image_views, AUGMENTED),
     Row("train_split", "test", linear_exact),
-    Row("train_split", "test", whole_image_views, (*AUGMENTED, ("crop_scale_min", 1.0))),
+    Row("train_split", "test", whole_image_views, WHOLE),
     Row("test_split", "train", linear_exact),
     Row("limit", 24, every(linear_exact, train_rows(24))),
-    Row("limit", 24, whole_image_views, (*AUGMENTED, ("crop_scale_min", 1.0))),
+    Row("limit", 24, whole_image_views, WHOLE),
     Row("image_size", 24, every(linear_exact, differs("w"))),
     Row("image_size", 28, whole_image_views, (("augment", True), ("crop_scale_min", 1.0))),
     Row("in_chans", 3, raises(ValueError, "in_chans")),
     *(folder_row(f, train_rows(8)) for f in ("dataset", "path")),
     Row("batch_size", 7, same()),
-    # Augmented views depend on which loader worker draws them, hence on the batch; only views without
-    # random content (whole crops of mirror-symmetric images) can be the same for every batch size.
+    # Augmented views are seeded per (seed, epoch, image), so the extraction batch must not change them
+    # (tests/eval/test_linear.py checks random crops; here whole crops of the folder's images).
     Row("batch_size", 7, same(), (("augment", True), ("crop_scale_min", 1.0), *FOLDER)),
     Row("device", "auto", same_on_cpu),
     Row("cache_dir", "{tmp}/cache", cache_used),
@@ -295,7 +413,15 @@ def linear_scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
             spy(mp, linear, "train_linear_heads", calls)
             out = linear.run(backbone, cfg)
         (args, heads) = calls[0]
-        return {"out": out, "x": args[0], "w": heads.weight, "b": heads.bias, "_epochs": args[4]}
+        grid = {"lr": heads.lr, "wd": heads.wd, "is_lars": heads.is_lars}
+        return {
+            "out": out,
+            "x": args[0],
+            "w": heads.weight,
+            "b": heads.bias,
+            "heads": grid,
+            "_epochs": args[4],
+        }
 
     base = linear.LinearConfig(
         layers="cls",
