@@ -19,7 +19,6 @@ lr is not rescaled: set it for the global batch) and the test set is sharded for
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sized
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -43,6 +42,7 @@ from sopvit.eval.finetune_model import Classifier, param_groups, set_drop_path
 from sopvit.eval.registry import register
 from sopvit.eval.subsets import check_subset, dataset_labels, low_shot_indices, split_paths
 from sopvit.models import Backbone
+from sopvit.train.schedules import cosine
 
 
 @dataclass
@@ -99,10 +99,10 @@ class FinetuneConfig(EvalDataConfig):
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
+    """Warm-up from ``peak / warmup`` (the first step already learns), then the shared cosine."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+    return cosine(step, total, peak, floor, warmup)
 
 
 @torch.no_grad()

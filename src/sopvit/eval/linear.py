@@ -40,6 +40,7 @@ from sopvit.eval.cache import (
 from sopvit.eval.linear_presets import PRESET_FIELDS, PRESETS, LinearSettings, resolve_settings
 from sopvit.eval.registry import register
 from sopvit.models import Backbone
+from sopvit.train.schedules import cosine
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def train_linear_heads(
                 loss = F.cross_entropy(logits.flatten(0, 1), yb.repeat(len(grid)), reduction="sum")
                 w_grad, b_grad = torch.autograd.grad(loss / xb.shape[0], (w, b))
             w, b = w.detach(), b.detach()
-            scale = 0.5 * (1 + math.cos(math.pi * step / total))
+            scale = cosine(step, total, 1.0, 0.0)
             lars_sgd_step(w, w_grad, w_buf, lr * scale, wd, cfg.momentum, is_lars, s.lars_eta)
             # biases: no decay and no trust ratio, as LARS implementations exclude 1-D parameters
             lars_sgd_step(b, b_grad, b_buf, lr * scale, no_wd, cfg.momentum, no_lars)

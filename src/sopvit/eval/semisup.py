@@ -21,7 +21,6 @@ wrapped in DistributedDataParallel, ``train_batch_size`` is per process and the 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sized
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -47,6 +46,7 @@ from sopvit.eval.registry import register
 from sopvit.eval.semisup_model import SemisupClassifier, param_groups
 from sopvit.eval.subsets import check_subset, dataset_labels, low_shot_indices, split_paths
 from sopvit.models import Encoder
+from sopvit.train.schedules import cosine
 
 # Sources: "README" is iBOT's evaluation/README.md, semi-supervised section (the command the paper's numbers
 # come from: vit_small, 8 GPUs, --epochs 1000 --lr 5e-6 --finetune_head_layer 1, SimCLRv2 1% / 10% splits);
@@ -112,10 +112,7 @@ class SemisupConfig(EvalDataConfig):
 
 def lr_at(step: int, total: int, warmup: int, peak: float, start: float, floor: float) -> float:
     """Linear warm-up from ``start`` to ``peak`` in ``warmup`` steps, then cosine to ``floor``."""
-    if step < warmup:
-        return start + (peak - start) * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+    return cosine(step, total, peak, floor, warmup, warmup_start=start)
 
 
 class RepeatedViews(Dataset[Any]):
