@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from sopvit.data.fashion_mnist import load_fashion_mnist
+from sopvit.data.transforms import TimmRandAugment
 from sopvit.eval import finetune
 from sopvit.eval.finetune_model import Classifier
 from sopvit.eval.subsets import dataset_labels
@@ -241,7 +242,7 @@ PLAIN_OPS = [name.removesuffix("Increasing") for name in INCREASING]
 
 def rand_augment_of(obs: Obs) -> list[RandAugment]:
     steps = obs["_transform"].pipeline.transforms
-    return [t.augment for t in steps if isinstance(t, finetune.TimmRandAugment)]
+    return [t.augment for t in steps if isinstance(t, TimmRandAugment)]
 
 
 def rand_augment(layers: int, ops: list[str], magnitude: int, std: float) -> Any:

@@ -36,15 +36,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from sopvit.config import check
 from sopvit.data.datasets import build_dataset
 from sopvit.data.seeding import SeededSamples, mix_seed
-from sopvit.data.transforms import INTERPOLATIONS, EvalTransform, SupervisedTrainTransform, TimmRandAugment
+from sopvit.data.transforms import EvalTransform, SupervisedTrainTransform
 from sopvit.device import autocast, resolve_device
 from sopvit.distributed import all_reduce_min, rank, shard, world_size
-from sopvit.eval.cache import EvalDataConfig, check_in_chans
+from sopvit.eval.cache import check_in_chans
 from sopvit.eval.finetune import evaluate
 from sopvit.eval.finetune_model import set_drop_path
 from sopvit.eval.registry import register
 from sopvit.eval.semisup_model import SemisupClassifier, param_groups
-from sopvit.eval.subsets import check_subset, dataset_labels, low_shot_indices, split_paths
+from sopvit.eval.subsets import dataset_labels, low_shot_indices, split_paths
+from sopvit.eval.supervised import SupervisedRecipe
 from sopvit.models import Encoder
 from sopvit.train.schedules import cosine
 
@@ -55,7 +56,7 @@ from sopvit.train.schedules import cosine
 
 
 @dataclass
-class SemisupConfig(EvalDataConfig):
+class SemisupConfig(SupervisedRecipe):
     head_layers: int = 1  # projection-head layers kept, each Linear + GELU; README --finetune_head_layer 1
     epochs: int = 1000  # README --epochs 1000
     warmup_epochs: float = 5.0  # default --warmup-epochs 5
@@ -84,30 +85,8 @@ class SemisupConfig(EvalDataConfig):
     def validate(self) -> None:
         super().validate()
         check(self.head_layers >= 0, "head_layers", "must be >= 0 (0: backbone + classifier only)")
-        check(self.epochs >= 1, "epochs", "must be >= 1")
-        check(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", "must be in [0, epochs]")
-        check(self.train_batch_size >= 2, "train_batch_size", "must be >= 2 (mixup pairs samples)")
-        check(self.lr > 0, "lr", "must be > 0")
         check(self.warmup_lr >= 0, "warmup_lr", "must be >= 0")
-        check(self.min_lr >= 0, "min_lr", "must be >= 0")
-        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        check(0 <= self.drop_path < 1, "drop_path", "must be in [0, 1)")
-        check(self.mixup >= 0, "mixup", "must be >= 0")
-        check(self.cutmix >= 0, "cutmix", "must be >= 0")
-        check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
-        if self.auto_augment is not None:
-            try:
-                TimmRandAugment(self.auto_augment, self.image_size, (0.5,) * self.in_chans)
-            except ValueError as exc:
-                check(False, "auto_augment", str(exc).removeprefix("auto_augment: "))
-        check(0 <= self.reprob <= 1, "reprob", "must be in [0, 1]")
-        for name in ("train_interpolation", "eval_interpolation"):
-            check(getattr(self, name) in INTERPOLATIONS, name, f"must be one of {', '.join(INTERPOLATIONS)}")
-        check(0 < self.crop_scale_min <= 1, "crop_scale_min", "must be in (0, 1]")
         check(self.repeated_aug >= 1, "repeated_aug", "must be >= 1 (1: every image once per epoch)")
-        check(self.eval_every >= 1, "eval_every", "must be >= 1")
-        check(self.num_workers >= 0, "num_workers", "must be >= 0")
-        check_subset(self.subset_file, self.subset_fraction)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, start: float, floor: float) -> float:
