@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install data browser demo test lint types check clean
+.PHONY: install data browser demo test lint types check mutants clean
 
 install: $(VENV)/.installed
 
@@ -32,13 +32,18 @@ test: install data browser
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks hubconf.py
-	$(VENV)/bin/ruff format --check src tests benchmarks hubconf.py
+	$(VENV)/bin/ruff check src tests benchmarks tools hubconf.py
+	$(VENV)/bin/ruff format --check src tests benchmarks tools hubconf.py
 
 types: install
 	$(VENV)/bin/mypy
 
 check: lint types test
 
+# Mutation testing of sop/, train/, data/ and the eval metrics (mutmut; not part of CI): mutants/survivors.txt
+# lists what survived. Each package's mutants meet its own tests; see tools/mutants.py and README.
+mutants: install
+	$(PY) tools/mutants.py
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache mutants

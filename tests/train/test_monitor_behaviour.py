@@ -1,0 +1,61 @@
+"""Monitor pinned: when it logs, what a logged row holds, where it goes, and that a disabled one is silent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sopvit.train.monitor import Monitor
+
+
+def _metrics(loss: float) -> dict[str, torch.Tensor]:
+    return {"loss": torch.tensor(loss), "loss_cls": torch.tensor(2 * loss)}
+
+
+def test_rows_average_the_steps_since_the_last_row(tmp_path: Path) -> None:
+    monitor = Monitor(tmp_path, total_steps=5, start_step=0, images_per_step=8, log_every=2, enabled=True)
+    schedule = {"lr": 0.1, "teacher_temp": 0.04}
+    assert monitor.update(1, _metrics(1.0), schedule) == {}
+    row = monitor.update(2, {"skipped": torch.ones(())}, schedule)
+    assert row["loss"] == 1.0 and row["loss_cls"] == 2.0 and row["skipped_steps"] == 1.0
+    assert row["lr"] == 0.1 and row["teacher_temp"] == 0.04 and row["images_per_s"] > 0
+    assert monitor.update(3, _metrics(3.0), schedule) == {}
+    assert monitor.update(4, _metrics(5.0), schedule)["loss"] == 4.0
+    last = monitor.update(5, _metrics(7.0), schedule)  # the last step always logs
+    assert last["loss"] == 7.0 and last["skipped_steps"] == 0.0
+    monitor.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 5]
+    assert lines[1]["loss"] == 4.0 and lines[1]["lr"] == 0.1
+    assert any((tmp_path / "tensorboard").iterdir())  # TensorBoard by default
+    assert monitor.bar is not None and monitor.bar.total == 5 and monitor.bar.n == 5  # progress by default
+
+
+def test_a_resumed_monitor_appends_and_counts_from_the_start_step(tmp_path: Path) -> None:
+    Monitor(tmp_path, 4, 0, 1, 1, True, tensorboard=False, progress=False).write(1, {"a": 1.0})
+    monitor = Monitor(tmp_path, 4, 2, 1, 1, True, tensorboard=False, progress=True)
+    assert monitor.bar.n == 2 and monitor.bar.total == 4
+    monitor.write(3, {"a": 2.0})
+    monitor.close()
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 3]
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_messages_go_to_the_terminal_only_when_enabled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Monitor(tmp_path, 2, 0, 1, 1, True, tensorboard=False, progress=False).message("hello")
+    Monitor(tmp_path / "off", 2, 0, 1, 1, False).message("quiet")
+    out = capsys.readouterr().out
+    assert "hello" in out and "quiet" not in out
+
+
+def test_a_disabled_monitor_writes_nothing(tmp_path: Path) -> None:
+    monitor = Monitor(tmp_path, 2, 0, 1, 1, enabled=False)
+    assert monitor.update(2, _metrics(1.0), {"lr": 0.1}) == {}
+    monitor.write(2, {"a": 1.0})
+    monitor.close()
+    assert list(tmp_path.iterdir()) == []
