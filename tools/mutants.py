@@ -40,7 +40,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENT_FILE = ROOT / "tools" / "equivalent_mutants.txt"
@@ -168,21 +168,22 @@ def freeze_warm_heap() -> None:
     PytestRunner.warm_up = warm_then_freeze  # type: ignore[method-assign]
 
 
-class _UntilMutantList:
-    """stdout that drops mutmut's closing list of every named mutant (thousands of lines)."""
+def quiet_mutant_list() -> None:
+    """Drop mutmut's closing list of every named mutant (thousands of lines): mutants/survivors.txt has the
+    ones that matter. mutmut resets sys.stdout itself, so its module's ``print`` is filtered instead."""
+    import builtins
 
-    def __init__(self, stream: TextIO) -> None:
-        self.stream, self.quiet = stream, False
+    from mutmut import __main__ as mutmut_main
 
-    def write(self, text: str) -> int:
-        if "Mutant results" in text:
-            self.quiet = True
-        if not self.quiet:
-            self.stream.write(text)
-        return len(text)
+    listing = False
 
-    def flush(self) -> None:
-        self.stream.flush()
+    def print_until_the_list(*args: Any, **kwargs: Any) -> None:
+        nonlocal listing
+        listing = listing or any("Mutant results" in str(a) for a in args)
+        if not listing:
+            builtins.print(*args, **kwargs)
+
+    mutmut_main.print = print_until_the_list  # type: ignore[attr-defined]
 
 
 def package_of(name: str, packages: dict[str, tuple[str, ...]]) -> str | None:
@@ -356,15 +357,12 @@ def main() -> int:
 
     patterns = [p for group in packages.values() for p in group]
     start = time.monotonic()
-    stdout = sys.stdout
-    sys.stdout = _UntilMutantList(stdout)  # type: ignore[assignment]
+    quiet_mutant_list()
     try:
         cli.main(["run", "--max-children", str(args.jobs), *patterns], standalone_mode=False)
     except SystemExit as err:
         if err.code:
             return int(err.code) if isinstance(err.code, int) else 1
-    finally:
-        sys.stdout = stdout
     return report(packages, time.monotonic() - start)
 
 

@@ -46,6 +46,24 @@ def test_each_gradient_is_clipped_to_the_norm_on_its_own() -> None:
     assert none.grad is None
 
 
+def test_the_learning_rate_is_zero_until_the_schedule_sets_it() -> None:
+    opt = build_optimizer(_Net(), torch.device("cpu"))
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]
+
+
+def test_groups_without_apply_wd_get_the_scheduled_weight_decay() -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=1.0)
+    set_schedule(opt, 0.3, 0.05)
+    assert opt.param_groups[0]["weight_decay"] == 0.05
+
+
+def test_the_epsilon_only_guards_against_a_zero_norm() -> None:
+    p = nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([2e-6, 0.0])  # norm 2e-6, clipped to 1e-6: scaled by 1e-6 / (2e-6 + 1e-6)
+    clip_per_parameter([p], 1e-6)
+    assert p.grad[0].item() == pytest.approx(2e-6 / 3, rel=1e-4)
+
+
 @pytest.mark.parametrize("max_norm", [0.0, -1.0])
 def test_a_non_positive_norm_switches_clipping_off(max_norm: float) -> None:
     p = nn.Parameter(torch.zeros(2))

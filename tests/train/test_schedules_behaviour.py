@@ -32,6 +32,7 @@ def test_linear_then_constant_follows_its_formula(step: int) -> None:
     assert linear_then_constant(step, 10, 0.04, 0.07) == pytest.approx(0.04 + 0.03 * step / 10)
     assert linear_then_constant(10, 10, 0.04, 0.07) == 0.07
     assert linear_then_constant(3, 0, 0.04, 0.07) == 0.07
+    assert linear_then_constant(0, 1, 0.04, 0.07) == 0.04  # a one-step warm-up still starts at the start
     assert linear_then_constant(0, -1, 0.04, 0.07) == 0.07
 
 
