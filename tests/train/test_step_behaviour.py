@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from sopvit.models import StudentTeacher
+from sopvit.train.checkpoint import load_checkpoint
 from sopvit.train.inputs import Batch
 from sopvit.train.optim import set_schedule
 from sopvit.train.step import train_step
@@ -228,7 +229,25 @@ def test_each_step_uses_the_scheduled_lr_weight_decay_momentum_and_temperatures(
         assert losses[s]["teacher_temp"] == pytest.approx(want["teacher_temp"], rel=1e-12)
         assert losses[s]["patch_teacher_temp"] == pytest.approx(want["patch_teacher_temp"], rel=1e-12)
     rows = [r for r in _metrics(tmp_path) if "lr" in r]
-    assert rows and all(r["lr"] == pytest.approx(_expected_schedule(r["step"] - 1)["lr"]) for r in rows)
+    assert [r["step"] for r in rows] == [2, 4, 6]  # run.log_every=2
+    for row in rows:  # the logged schedule is the one the step used
+        want = _expected_schedule(row["step"] - 1)
+        for key in ("lr", "weight_decay", "momentum", "teacher_temp"):
+            assert row[key] == pytest.approx(want[key], rel=1e-9, abs=1e-15), key
+    # the checkpoint's documented contents (format 2): what a resumed run and the loaders read
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert {
+        "format_version",
+        "step",
+        "config",
+        "arch",
+        "student",
+        "teacher",
+        "optimizer",
+        "objective",
+    } <= set(state)
+    assert state["step"] == 6 and state["arch"] == "vit_test" and state["skipped_files"] == 0
+    assert len(state["rng"]) == 1 and set(state["rng"][0]) == {"torch", "numpy", "python", "cuda"}
 
 
 def _metrics(run_dir: Path) -> list[dict[str, Any]]:
