@@ -80,3 +80,40 @@ def test_plan_sampler_serves_exactly_its_micro_batches() -> None:
     assert len(sampler) == len(batches) == 4
     assert batches[0] == [(0, int(i)) for i in plan.indices(8)]
     assert batches[3] == [(1, int(i)) for i in plan.indices(11)]
+
+
+def test_ranks_take_consecutive_slices_of_the_single_process_global_batch() -> None:
+    single = StepPlan(48, batch_size=8, world=1, rank=0, seed=5)
+    ranks = [StepPlan(48, batch_size=4, world=2, rank=r, seed=5) for r in (0, 1)]
+    for m in (0, 5, 6, 13):  # 6 micro-batches per epoch: the first two epochs and the third
+        assert torch.equal(torch.cat([p.indices(m) for p in ranks]), single.indices(m))
+
+
+def test_each_epoch_is_a_seeded_permutation_whatever_the_first_step() -> None:
+    plan = StepPlan(24, batch_size=8, world=1, rank=0, seed=5)
+    epochs = [torch.cat([plan.indices(3 * e + p) for p in range(3)]) for e in range(3)]
+    assert all(sorted(e.tolist()) == list(range(24)) for e in epochs)
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+    resumed = StepPlan(24, batch_size=8, world=1, rank=0, seed=5)  # a run resumed in epoch 1
+    assert torch.equal(resumed.indices(4), epochs[1][8:16])
+    other_seed = StepPlan(24, batch_size=8, world=1, rank=0, seed=6)
+    assert not torch.equal(other_seed.indices(0), plan.indices(0))
+
+
+def test_a_data_set_of_exactly_one_global_batch_is_one_step_per_epoch() -> None:
+    assert StepPlan(8, batch_size=4, world=2, rank=1, seed=0).steps_per_epoch == 1
+
+
+def test_per_sample_masks_depend_on_the_seed_epoch_and_image_and_nothing_else() -> None:
+    cfg = DataConfig(**{**FMNIST.__dict__, "mask_prob": 1.0, "global_size": 32})  # 8x8 grid, all masked
+    inputs = PretrainInputs(cfg, patch_size=4, batch_size=8, world=1, rank=0, seed=3)
+    keys = [(0, 0), (0, 1), (1, 0), (2, 7)]
+    masks = {k: _SeededSamples(inputs.dataset, inputs.masks, seed=3)[k]["masks"] for k in keys}
+    torch.manual_seed(123)  # the global RNG plays no part
+    again = _SeededSamples(inputs.dataset, inputs.masks, seed=3)
+    for k in keys:
+        expected = inputs.masks.sample(2, torch.Generator().manual_seed(mix_seed(3, *k) ^ 1))
+        assert torch.equal(masks[k], expected) and torch.equal(again[k]["masks"], masks[k])
+    assert len({masks[k].numpy().tobytes() for k in keys}) == len(keys)
+    other_seed = _SeededSamples(inputs.dataset, inputs.masks, seed=4)
+    assert not torch.equal(other_seed[(0, 0)]["masks"], masks[(0, 0)])

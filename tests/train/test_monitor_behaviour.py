@@ -59,3 +59,56 @@ def test_a_disabled_monitor_writes_nothing(tmp_path: Path) -> None:
     monitor.write(2, {"a": 1.0})
     monitor.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_images_per_second_counts_the_steps_since_the_last_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = iter([10.0, 10.5, 12.5])  # construction, row at step 2, row at step 4
+    monkeypatch.setattr("sopvit.train.monitor.time.perf_counter", lambda: next(clock))
+    monitor = Monitor(tmp_path, 4, 0, 8, 2, True, tensorboard=False, progress=False)
+    schedule = {"lr": 0.1}
+    monitor.update(1, _metrics(1.0), schedule)
+    assert monitor.update(2, _metrics(1.0), schedule)["images_per_s"] == 8 * 2 / 0.5
+    monitor.update(3, _metrics(1.0), schedule)
+    assert monitor.update(4, _metrics(1.0), schedule)["images_per_s"] == 8 * 2 / 2.0
+    monitor.close()
+
+
+def test_a_row_holds_the_metrics_the_schedule_and_the_rate_only(tmp_path: Path) -> None:
+    monitor = Monitor(tmp_path, 2, 0, 1, 2, True, tensorboard=False, progress=True)
+    monitor.update(1, {"skipped": torch.ones(())}, {"lr": 0.5})
+    row = monitor.update(2, _metrics(1.5), {"lr": 0.5})
+    assert set(row) == {"loss", "loss_cls", "skipped_steps", "lr", "images_per_s"}
+    postfix = monitor.bar.postfix
+    assert "loss=1.5000" in postfix and "lr=5.00e-01" in postfix and "img_s=" in postfix
+    assert monitor.bar.unit == "step"
+    monitor.close()
+
+
+def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_tensorboard_gets_every_row_and_a_resume_keeps_the_checkpointed_step(tmp_path: Path) -> None:
+    first = Monitor(tmp_path, 4, 0, 1, 1, True, progress=False)
+    for step in (1, 2, 3):  # killed after step 3, last checkpoint at step 2
+        first.write(step, {"loss": float(step)})
+    first.close()
+    resumed = Monitor(tmp_path, 4, 2, 1, 1, True, progress=False)
+    resumed.write(3, {"loss": 30.0})
+    resumed.close()
+    assert _scalars(tmp_path, "loss") == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_messages_do_not_break_the_progress_bar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monitor = Monitor(tmp_path, 2, 0, 1, 1, True, tensorboard=False, progress=True)
+    written: list[str] = []
+    monkeypatch.setattr(monitor.bar, "write", written.append)
+    monitor.message("hello")
+    assert written == ["hello"]
+    monitor.close()

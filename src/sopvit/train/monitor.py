@@ -41,7 +41,9 @@ class Monitor:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step)
+            # A resumed run drops what the killed one logged after its checkpoint (steps > start_step),
+            # and keeps the row and k-NN result of the checkpointed step itself.
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 

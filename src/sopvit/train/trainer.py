@@ -214,12 +214,11 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train from ``self.step`` to the end (or ``train.max_steps``); returns the last logged row."""
         cfg, accum = self.cfg, self.cfg.train.accum_steps
-        images_per_step = cfg.train.batch_size * self.world * accum * (2 + cfg.data.n_locals)
         monitor = Monitor(
             self.run_dir,
             self.stop_step,
             self.step,
-            images_per_step // (2 + cfg.data.n_locals),
+            cfg.train.batch_size * self.world * accum,  # images (not crops) per step
             cfg.run.log_every,
             dist.is_main_process(),
             cfg.run.tensorboard,
