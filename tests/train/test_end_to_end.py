@@ -161,7 +161,9 @@ def test_nan_weights_never_reach_a_checkpoint(tmp_path: Path) -> None:
         ("train.lr=-1", "train.lr: must be > 0"),
         ("sop.cls_k=100", "sop.cls_k"),
         ("sop.cls_anchors=100", "sop.cls_anchors"),
-        ("data.local_size=32", "data.local_size"),
+        ("data.local_size=32", "data.local_size: must be <= global_size"),
+        ("data.global_scale=[0.8,0.2]", "data.global_scale: must be a pair"),  # checked by MultiCropSpec
+        ("data.in_chans=2", "data.in_chans: must be 1 (grayscale) or 3 (RGB)"),
         ("train.epochs=abc", "train.epochs"),
     ],
 )

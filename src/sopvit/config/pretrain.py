@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sopvit.config.coerce import check
+from sopvit.data.transforms import MultiCropSpec
 from sopvit.sop.objective import SOPConfig
 
 DatasetName = Literal["folder", "imagenet", "fashion_mnist", "cifar10", "cifar100"]
@@ -34,13 +35,14 @@ class ModelConfig:
 class DataConfig:
     dataset: DatasetName = "folder"
     path: str | None = None  # folder/imagenet: required; others: where to find or download them
-    in_chans: int = 3
-    global_size: int = 224
-    local_size: int = 96
-    n_locals: int = 10
-    global_scale: tuple[float, float] = (0.32, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur sigma range in pixels (small images: less)
+    # The crop fields are MultiCropSpec's: their defaults and checks are defined there, once.
+    in_chans: int = MultiCropSpec.in_chans
+    global_size: int = MultiCropSpec.global_size
+    local_size: int = MultiCropSpec.local_size
+    n_locals: int = MultiCropSpec.n_locals
+    global_scale: tuple[float, float] = MultiCropSpec.global_scale
+    local_scale: tuple[float, float] = MultiCropSpec.local_scale
+    blur_sigma: tuple[float, float] = MultiCropSpec.blur_sigma  # in pixels (small images: less)
     mask_ratio: tuple[float, float] = (0.3, 0.3)  # iBOT's mix: (0.1, 0.5) with mask_prob 0.5
     mask_prob: float = 1.0
     batched_augment: bool = (
@@ -49,16 +51,23 @@ class DataConfig:
     num_workers: int = 8
     limit: int | None = None  # use only the first N images (smoke tests)
 
+    def crop_spec(self) -> MultiCropSpec:
+        """The multi-crop augmentation these fields describe (photometric settings: iBOT's)."""
+        return MultiCropSpec(
+            global_size=self.global_size,
+            local_size=self.local_size,
+            n_locals=self.n_locals,
+            global_scale=self.global_scale,
+            local_scale=self.local_scale,
+            in_chans=self.in_chans,
+            blur_sigma=self.blur_sigma,
+        )
+
     def validate(self) -> None:
-        check(self.in_chans in (1, 3), "in_chans", "must be 1 (grayscale) or 3 (RGB)")
-        check(self.global_size > 0, "global_size", "must be > 0")
-        check(0 < self.local_size <= self.global_size, "local_size", "must be in (0, global_size]")
-        check(self.n_locals >= 0, "n_locals", "must be >= 0")
-        for name in ("global_scale", "local_scale", "mask_ratio"):
-            lo, hi = getattr(self, name)
-            check(0.0 <= lo <= hi <= 1.0, name, f"must be an interval within [0, 1], got ({lo}, {hi})")
-        check(self.global_scale[1] > 0 and self.local_scale[1] > 0, "global_scale", "upper bound must be > 0")
-        check(0 < self.blur_sigma[0] <= self.blur_sigma[1], "blur_sigma", "must be (lo, hi), 0 < lo <= hi")
+        self.crop_spec()
+        check(self.local_size <= self.global_size, "local_size", "must be <= global_size")
+        lo, hi = self.mask_ratio
+        check(0.0 <= lo <= hi <= 1.0, "mask_ratio", f"must be an interval within [0, 1], got ({lo}, {hi})")
         check(0.0 <= self.mask_prob <= 1.0, "mask_prob", "must be in [0, 1]")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(self.limit is None or self.limit > 0, "limit", "must be > 0 or null")

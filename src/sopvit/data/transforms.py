@@ -17,6 +17,8 @@ from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from sopvit.config.coerce import ConfigError
+
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
@@ -49,7 +51,7 @@ def _default_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]
 
 def _check_range(name: str, value: tuple[float, float], lo: float, hi: float) -> None:
     if len(value) != 2 or not lo <= value[0] <= value[1] <= hi:
-        raise ValueError(f"{name} must be a pair with {lo} <= lo <= hi <= {hi}, got {value!r}")
+        raise ConfigError(f"must be a pair with {lo} <= lo <= hi <= {hi}, got {value!r}", name)
 
 
 @dataclass(frozen=True)
@@ -80,31 +82,32 @@ class MultiCropSpec:
     solarize_prob: float = 0.2
 
     def __post_init__(self) -> None:
+        """Raises ConfigError keyed by the field, so pre-training configs report it as ``data.<field>``."""
         if self.in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {self.in_chans}")
+            raise ConfigError(f"must be 1 (grayscale) or 3 (RGB), got {self.in_chans}", "in_chans")
         for name in ("global_size", "local_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", name)
         if self.n_locals < 0:
-            raise ValueError(f"n_locals must be >= 0, got {self.n_locals}")
+            raise ConfigError(f"must be >= 0, got {self.n_locals}", "n_locals")
         _check_range("global_scale", self.global_scale, 1e-6, 1.0)
         _check_range("local_scale", self.local_scale, 1e-6, 1.0)
         _check_range("blur_sigma", self.blur_sigma, 1e-6, math.inf)
         mean, std = self.stats
         if len(mean) != self.in_chans or len(std) != self.in_chans:
-            raise ValueError(f"mean and std must have in_chans={self.in_chans} entries, got {mean}, {std}")
+            raise ConfigError(f"mean and std must have in_chans={self.in_chans} entries, got {mean}, {std}")
         if any(s <= 0 for s in std):
-            raise ValueError(f"std entries must be > 0, got {std}")
+            raise ConfigError(f"entries must be > 0, got {std}", "std")
         if len(self.jitter) != 4 or any(j < 0 for j in self.jitter) or self.jitter[3] > 0.5:
-            raise ValueError(f"jitter must be 4 non-negative values with hue <= 0.5, got {self.jitter}")
+            raise ConfigError(f"must be 4 non-negative values with hue <= 0.5, got {self.jitter}", "jitter")
         if len(self.blur_probs) != 3:
-            raise ValueError(f"blur_probs must be (global1, global2, locals), got {self.blur_probs}")
+            raise ConfigError(f"must be (global1, global2, locals), got {self.blur_probs}", "blur_probs")
         probs = {"flip_prob": self.flip_prob, "jitter_prob": self.jitter_prob}
         probs |= {"grayscale_prob": self.grayscale_prob, "solarize_prob": self.solarize_prob}
         probs |= {f"blur_probs[{i}]": p for i, p in enumerate(self.blur_probs)}
         for name, p in probs.items():
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {p}")
+                raise ConfigError(f"must be in [0, 1], got {p}", name)
 
     @property
     def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

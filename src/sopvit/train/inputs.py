@@ -21,7 +21,7 @@ from sopvit.data.batched import BatchMultiCrop
 from sopvit.data.datasets import InMemoryDataset, build_dataset
 from sopvit.data.masking import BlockMaskGenerator
 from sopvit.data.seeding import SeededSamples, mix_seed
-from sopvit.data.transforms import MultiCropSpec, MultiCropTransform
+from sopvit.data.transforms import MultiCropTransform
 
 
 @dataclass
@@ -111,15 +111,7 @@ class PretrainInputs:
         self, cfg: DataConfig, patch_size: int, batch_size: int, world: int, rank: int, seed: int
     ) -> None:
         self.cfg = cfg
-        self.spec = MultiCropSpec(
-            global_size=cfg.global_size,
-            local_size=cfg.local_size,
-            n_locals=cfg.n_locals,
-            global_scale=cfg.global_scale,
-            local_scale=cfg.local_scale,
-            in_chans=cfg.in_chans,
-            blur_sigma=cfg.blur_sigma,
-        )
+        self.spec = cfg.crop_spec()
         grid = cfg.global_size // patch_size
         self.masks = BlockMaskGenerator((grid, grid), ratio=cfg.mask_ratio, mask_prob=cfg.mask_prob)
         transform = None if cfg.batched_augment else MultiCropTransform(self.spec)
@@ -145,8 +137,9 @@ class PretrainInputs:
             pin_memory=device.type == "cuda",
             persistent_workers=False,
             # Without its own generator the loader draws its workers' base seed from the global RNG each
-            # time it starts, so a resumed run's drop path would drift from the uninterrupted run's.
-            generator=torch.Generator().manual_seed(mix_seed(self.seed, start)),
+            # time it starts, so a resumed run's drop path would drift from the uninterrupted run's. No
+            # augmentation uses that base seed (they are seeded by seed, epoch and image).
+            generator=torch.Generator(),
         )
         yield from loader
 
