@@ -13,9 +13,10 @@ What this adds to mutmut 3:
   safe on the trampoline and on every mutant copy): prototype building, the memory enqueue, the k-NN vote,
   gradient clipping. Properties and registering decorators are still skipped.
 * Each package's mutants are judged by that package's own tests (``TESTS_FOR``, a subset of ``make test``),
-  fastest first, at most ``--budget`` seconds of them (as timed by mutmut's coverage run, always at least
-  one): a mutant killed here is killed by ``make test``, and a mutant no unit test pins shows up instead of
-  hiding behind the tiny end-to-end runs. This keeps the whole run well under an hour on 2 cores.
+  fastest first, at most ``--budget`` seconds of them (``BUDGET_FOR``, as timed by mutmut's coverage run,
+  always at least one): a mutant killed here is killed by ``make test``, and a mutant no unit test pins
+  shows up instead of hiding behind the tiny end-to-end runs. This keeps the whole run well under an hour
+  on 2 cores.
 * The fork server's heap is frozen after it imported the suite, so pytest's closing ``gc.collect()`` in
   each mutant's run skips torch and the collected tests (0.3 s per mutant instead of 3 s).
 * The summary is grouped by package and file, and the mutants listed in ``tools/equivalent_mutants.txt``
@@ -70,6 +71,9 @@ TESTS_FOR: dict[str, tuple[str, ...]] = {
     "data": ("tests/data/",),
     "eval-metrics": ("tests/eval/",),
 }
+# Seconds of tests per mutant (fastest first). train/ gets more: its behaviour tests each build a tiny
+# Trainer, and the end-to-end resume tests that pin the checkpoint contents take 0.2-0.6 s each.
+BUDGET_FOR: dict[str, float] = {"sop": 5.0, "train": 20.0, "data": 5.0, "eval-metrics": 5.0}
 TRANSPARENT_DECORATORS = frozenset({"torch.no_grad()", "torch.inference_mode()"})
 DETECTED = ("killed", "timeout", "segfault", "caught by type check")
 
@@ -100,10 +104,11 @@ def allow_transparent_decorators() -> None:
     visitor._skip_node_and_children = skip  # type: ignore[method-assign]
 
 
-def select_tests(budget: float) -> None:
+def select_tests(budget: float | None) -> None:
     """Keep, for each mutated function, its package's tests (``TESTS_FOR``) that ran it, at most ``budget``
-    seconds of them (fastest first, at least one), and hand them to pytest fastest first: pytest stops at the
-    first failure, so a killed mutant usually costs one quick unit test."""
+    seconds of them (default: ``BUDGET_FOR`` its package; fastest first, at least one), and hand them to
+    pytest fastest first: pytest stops at the first failure, so a killed mutant usually costs one quick
+    unit test."""
     from mutmut import __main__ as mutmut_main
     from mutmut.state import state
     from mutmut.workers import isolation
@@ -118,12 +123,13 @@ def select_tests(budget: float) -> None:
         for function, tests in state().tests_by_mangled_function_name.items():
             package = package_of(f"{function}__mutmut_1", PACKAGES)
             prefixes = TESTS_FOR.get(package or "", ())
+            limit = budget if budget is not None else BUDGET_FOR.get(package or "", 5.0)
             chosen: set[str] = set()
             spent = 0.0
             for test in sorted(
                 (t for t in tests if t.startswith(prefixes)), key=lambda t: (durations.get(t, 0.0), t)
             ):
-                if chosen and spent + durations.get(test, 0.0) > budget:
+                if chosen and spent + durations.get(test, 0.0) > limit:
                     break
                 chosen.add(test)
                 spent += durations.get(test, 0.0)
@@ -336,7 +342,10 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants tested in parallel")
     parser.add_argument("--package", nargs="+", choices=sorted(PACKAGES), help="only these packages")
     parser.add_argument(
-        "--budget", type=float, default=5.0, help="seconds of tests per mutant at most (default 5)"
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds of tests per mutant at most (default: 20 for train, 5 for the others)",
     )
     parser.add_argument("--keep", action="store_true", help="reuse mutants/ (default: generate afresh)")
     parser.add_argument("--report-only", action="store_true", help="summarise the last run, run nothing")
