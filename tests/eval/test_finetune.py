@@ -30,7 +30,7 @@ def test_layer_decay_groups() -> None:
     assert scale[id(named[m + "blocks.0.attn.qkv.weight"])] == 0.5**2
     assert scale[id(named[m + "blocks.1.mlp.fc1.weight"])] == 0.5**1
     assert scale[id(named[m + "patch_embed.proj.weight"])] == 0.5**3
-    assert scale[id(named[m + "cls_token"])] == 0.5**3
+    assert scale[id(named[m + "cls_token"])] == scale[id(named["backbone.mask_token"])] == 0.5**3
     assert scale[id(named["head.weight"])] == 1.0
     assert scale[id(named[m + "norm.weight"])] == 1.0
     for name in ("head.bias", m + "blocks.0.norm1.weight", m + "cls_token", m + "pos_embed"):

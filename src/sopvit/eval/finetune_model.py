@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from sopvit.models import Backbone
+from sopvit.train.optim import param_groups_layer_decay
 
 
 class Classifier(nn.Module):
@@ -25,6 +27,17 @@ class Classifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x)["cls"])
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """BEiT's layers (``get_num_layer_for_vit``) as timm groups: the patch embedding and the tokens
+        first, then block i; the rest (final norm, head) matches nothing, which timm puts in a last
+        layer of its own. (timm's own ViT matcher would fold the final norm into the last block.)"""
+        vit_blocks(self.backbone)  # a clear error for backbones without transformer blocks
+        m = re.escape("backbone.model.")
+        return {
+            "stem": rf"^(?:backbone\.mask_token|{m}(?:cls_token|reg_token|pos_embed|patch_embed))",
+            "blocks": [(rf"^{m}blocks\.(\d+)", None)],
+        }
+
 
 def vit_blocks(backbone: Backbone) -> list[nn.Module]:
     blocks = getattr(backbone.model, "blocks", None)
@@ -33,36 +46,16 @@ def vit_blocks(backbone: Backbone) -> list[nn.Module]:
     return list(blocks)
 
 
-def layer_id(name: str, depth: int) -> int:
-    """0 for embeddings/tokens, i + 1 for ``blocks.i``, depth + 1 for the final norm and the head."""
-    parts = name.split(".")
-    if "blocks" in parts:
-        return int(parts[parts.index("blocks") + 1]) + 1
-    if parts[-1] in ("cls_token", "pos_embed", "reg_token", "mask_token") or "patch_embed" in parts:
-        return 0
-    return depth + 1
-
-
 def param_groups(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups keyed by (layer, decay?); each carries ``lr_scale = layer_decay ** (depth + 1 - id)``."""
-    depth = len(vit_blocks(model.backbone))
-    no_wd = {f"backbone.{k}" for k in model.backbone.no_weight_decay_keys()}
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lid = layer_id(name, depth)
-        decay = p.ndim > 1 and name not in no_wd  # biases and norm scales are 1-D
-        group = groups.setdefault(
-            (lid, decay),
-            {
-                "params": [],
-                "weight_decay": weight_decay if decay else 0.0,
-                "lr_scale": layer_decay ** (depth + 1 - lid),
-            },
-        )
-        group["params"].append(p)
-    return list(groups.values())
+    """BEiT's AdamW groups, by timm's ``param_groups_layer_decay``: ``lr_scale = layer_decay ** (depth + 1
+    - id)`` with id 0 for the patch embedding and tokens, i + 1 for block i, depth + 1 for the final norm and
+    the head; no weight decay on 1-D parameters nor on the backbone's no-decay keys ([CLS] and position
+    embeddings, BEiT's ``no_weight_decay``)."""
+    no_wd = [f"backbone.{k}" for k in model.backbone.no_weight_decay_keys()]
+    groups: list[dict[str, Any]] = param_groups_layer_decay(
+        model, weight_decay=weight_decay, no_weight_decay_list=no_wd, layer_decay=layer_decay
+    )
+    return groups
 
 
 def set_drop_path(backbone: Backbone, rate: float) -> list[float]:

@@ -7,10 +7,20 @@ from typing import Any
 import torch
 from torch import nn
 
+# timm's parameter-group rules (1-D parameters and a model's own list never decayed) serve pre-training
+# here and fine-tuning's layer-wise lr decay (eval/finetune_model.py).
 try:
-    from timm.optim import param_groups_weight_decay
-except ImportError:  # older timm (1.0.9, which pyproject allows) has it only in optim_factory
-    from timm.optim.optim_factory import param_groups_weight_decay
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+except ImportError:  # older timm (1.0.9, which pyproject allows) has them only in optim_factory
+    from timm.optim.optim_factory import param_groups_layer_decay, param_groups_weight_decay
+
+__all__ = [
+    "build_optimizer",
+    "clip_per_parameter",
+    "param_groups",
+    "param_groups_layer_decay",
+    "set_schedule",
+]
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
