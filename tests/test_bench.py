@@ -23,7 +23,7 @@ def test_bench_smoke(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # t
     ):
         assert row in printed
     result = json.loads(out.read_text())
-    assert result["sop_ms_per_step"] > 0 and result["base_ms_per_step"] > 0
+    assert result["method_ms_per_step"] > 0 and result["base_ms_per_step"] > 0
     assert result["model_gflops_per_step"] > 0
     assert 0 < result["objective_share"] < 1
     assert result["input_images_per_s"] > 0

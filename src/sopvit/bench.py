@@ -1,8 +1,9 @@
-"""``sopvit bench``: throughput of the SOP training step, of the same step without SOP, and of the inputs.
+"""``sopvit bench``: throughput of the training step of the configured method (SOP, iBOT or DINO), of the
+same step with a trivial loss, and of the inputs.
 
 Both steps run the same code (:func:`sopvit.train.step.train_step`) on the same synthetic batches; the
-baseline swaps the SOP objective for a trivial loss on the same head outputs, so the ratio of the two is
-the cost of the method itself. FLOPs are counted with ``torch.utils.flop_counter`` on the baseline step
+baseline swaps the method's objective for a trivial loss on the same head outputs, so the ratio of the two
+is the cost of the method itself. FLOPs are counted with ``torch.utils.flop_counter`` on the baseline step
 (the model's FLOPs); MFU divides them by the measured time and the device's bf16 peak.
 """
 
@@ -25,8 +26,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sopvit.config.pretrain import PretrainConfig
 from sopvit.device import autocast_dtype, resolve_device
+from sopvit.methods.interface import StudentOutputs, TeacherOutputs, TokenPlan
+from sopvit.methods.registry import build_objective
 from sopvit.models import build_model
-from sopvit.sop import SOPObjective
 from sopvit.train.inputs import Batch, PretrainInputs
 from sopvit.train.optim import build_optimizer, set_schedule
 from sopvit.train.schedules import ScheduleValues
@@ -37,23 +39,23 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 
 class TrivialObjective(nn.Module):
-    """Stands in for SOPObjective: a loss that touches every head output and nothing else."""
+    """Stands in for the method's objective: a loss that touches every head output and nothing else."""
 
-    def memory_tokens(self, b: int, length: int) -> torch.Tensor:
-        return torch.zeros(b, dtype=torch.long)
+    def __init__(self, like: Any) -> None:
+        super().__init__()
+        self.masks_student, self.head_prototypes = like.masks_student, like.head_prototypes
+        self.like = like  # the same tokens go through the head as with the method
 
-    def loss(
-        self,
-        student_cls: torch.Tensor,
-        teacher_cls: torch.Tensor,
-        student_tokens: torch.Tensor,
-        *args: Any,
-        **kwargs: Any,
+    def plan_tokens(self, masks: torch.Tensor) -> TokenPlan:
+        return TokenPlan(self.like.plan_tokens(masks).teacher)
+
+    def compute_loss(
+        self, student: StudentOutputs, teacher: TeacherOutputs, values: ScheduleValues
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss = student_cls.float().pow(2).mean() + student_tokens.float().pow(2).mean()
+        loss = student.cls.float().pow(2).mean() + student.tokens.float().pow(2).mean()
         return loss, {"loss": loss.detach()}
 
-    def update_memory(self, *args: Any) -> None:
+    def after_update(self, teacher: TeacherOutputs) -> None:
         return None
 
 
@@ -79,8 +81,9 @@ def synthetic_batch(cfg: PretrainConfig, grid: tuple[int, int], device: torch.de
     return Batch(crops=crops, masks=masks, ids=torch.arange(b), skipped=0)
 
 
-def build_step(cfg: PretrainConfig, sop: bool) -> tuple[StepContext, Batch]:
-    """A training step context with the SOP objective (``sop``) or the trivial loss, and a batch."""
+def build_step(cfg: PretrainConfig, method: bool) -> tuple[StepContext, Batch]:
+    """A training step context with the configured method's objective (``method``) or the trivial loss,
+    and a batch."""
     device = resolve_device(cfg.train.device)
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
@@ -90,7 +93,9 @@ def build_step(cfg: PretrainConfig, sop: bool) -> tuple[StepContext, Batch]:
     student: nn.Module = model.student
     if cfg.train.compile:
         student = torch.compile(student)  # type: ignore[assignment]
-    objective: Any = SOPObjective(cfg.sop).to(device) if sop else TrivialObjective()
+    objective: Any = build_objective(cfg, device)
+    if not method:
+        objective = TrivialObjective(objective)
     optimizer = build_optimizer(model.student, device)
     set_schedule(optimizer, 1e-4, 0.04)
     ctx = StepContext(
@@ -107,46 +112,45 @@ def build_step(cfg: PretrainConfig, sop: bool) -> tuple[StepContext, Batch]:
 
 
 def time_objective(ctx: StepContext, batch: Batch, warmup: int, steps: int) -> float:
-    """Median ms of the SOP objective alone (prototypes, assignments, losses, backward, memory update) on
-    unit embeddings shaped like the step's head outputs: a direct measure of the method's share."""
-    b, crops, masked = batch.crops[0].shape[0], len(batch.crops), int(batch.masks.sum())
-    dim, device = ctx.objective.cfg.dim, ctx.device
+    """Median ms of the method's objective alone (loss, backward, its own update: prototypes and memories
+    for SOP, centers for iBOT/DINO) on random head outputs shaped like the step's: the method's share."""
+    b, crops, device = batch.crops[0].shape[0], len(batch.crops), ctx.device
+    masks = batch.masks.flatten(1).to(device)
+    if not ctx.objective.masks_student:
+        masks = torch.zeros_like(masks)
+    dim = ctx.model.student.head.out_dim
 
-    def unit(n: int, grad: bool = False) -> torch.Tensor:
+    def head_out(n: int, grad: bool = False) -> torch.Tensor:
         return nn.functional.normalize(torch.randn(n, dim, device=device), dim=-1).requires_grad_(grad)
 
-    student_cls, teacher_cls, student_tok, teacher_tok = (
-        unit(crops * b, True),
-        unit(2 * b),
-        unit(masked, True),
-        unit(masked),
-    )
-    token_image = batch.masks.flatten(1).nonzero()[:, 0].to(device)
-
     def run() -> None:
+        plan = ctx.objective.plan_tokens(masks)
+        teacher = TeacherOutputs(head_out(2 * b), head_out(int(plan.teacher.sum())), masks, plan, batch.ids)
+        student = StudentOutputs(head_out(crops * b, True), head_out(int(masks.sum()), True))
         with ctx.autocast():
-            loss, _ = ctx.objective.loss(
-                student_cls, teacher_cls, student_tok, teacher_tok, token_image, 2 * b, 0.04
-            )
+            loss, _ = ctx.objective.compute_loss(student, teacher, VALUES)
         loss.backward()
-        ctx.objective.update_memory(teacher_cls, teacher_cls[:b], batch.ids.to(device))
+        ctx.objective.after_update(teacher)
 
     times = [time_once(device, run) for _ in range(warmup + steps)]
     return statistics.median(times[warmup:])
+
+
+VALUES = ScheduleValues(
+    lr=1e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, patch_teacher_temp=0.04
+)
 
 
 def time_steps(cfg: PretrainConfig, warmup: int, steps: int) -> dict[str, float]:
     """Median ms/step of the SOP step and of the trivial-loss step, timed alternately so that drifts
     of a shared machine's speed hit both alike; model FLOPs counted on the trivial step."""
     device = resolve_device(cfg.train.device)
-    values = ScheduleValues(
-        lr=1e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, patch_teacher_temp=0.04
-    )
-    (sop_ctx, batch), (base_ctx, _) = build_step(cfg, sop=True), build_step(cfg, sop=False)
-    times: dict[str, list[float]] = {"sop": [], "base": []}
+    values = VALUES
+    (method_ctx, batch), (base_ctx, _) = build_step(cfg, method=True), build_step(cfg, method=False)
+    times: dict[str, list[float]] = {"method": [], "base": []}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    pair = [("sop", sop_ctx), ("base", base_ctx)]
+    pair = [("method", method_ctx), ("base", base_ctx)]
     for i in range(warmup + steps):
         # ABBA order: whichever step runs second in a pair finds the caches warm for a different model.
         for name, ctx in pair if i % 2 == 0 else pair[::-1]:
@@ -156,7 +160,7 @@ def time_steps(cfg: PretrainConfig, warmup: int, steps: int) -> dict[str, float]
     with FlopCounterMode(display=False) as counter:
         train_step(base_ctx, [batch], values, 0)
     out = {f"{k}_ms_per_step": statistics.median(v) for k, v in times.items()}
-    out["objective_ms"] = time_objective(sop_ctx, batch, warmup, steps)
+    out["objective_ms"] = time_objective(method_ctx, batch, warmup, steps)
     out["flops_per_step"] = float(counter.get_total_flops())
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -211,46 +215,48 @@ def run_benchmark(
         "date": time.strftime("%Y-%m-%d"),
         "device": name,
         "torch": torch.__version__,
+        "method": cfg.method,
         "arch": cfg.model.arch,
         "batch": b,
         "crops": f"2x{cfg.data.global_size} + {cfg.data.n_locals}x{cfg.data.local_size}",
         "precision": str(autocast_dtype(cfg.train.precision, device) or torch.float32).replace("torch.", ""),
         "compile": cfg.train.compile,
-        "sop_ms_per_step": t["sop_ms_per_step"],
-        "sop_images_per_s": 1000 * b / t["sop_ms_per_step"],
+        "method_ms_per_step": t["method_ms_per_step"],
+        "method_images_per_s": 1000 * b / t["method_ms_per_step"],
         "base_ms_per_step": t["base_ms_per_step"],
         "base_images_per_s": 1000 * b / t["base_ms_per_step"],
-        "sop_overhead": t["sop_ms_per_step"] / t["base_ms_per_step"] - 1,
+        "method_overhead": t["method_ms_per_step"] / t["base_ms_per_step"] - 1,
         "objective_ms": t["objective_ms"],
-        "objective_share": t["objective_ms"] / t["sop_ms_per_step"],
+        "objective_share": t["objective_ms"] / t["method_ms_per_step"],
         "model_gflops_per_step": t["flops_per_step"] / 1e9,
         "mfu": None,
         "peak_memory_gib": t.get("peak_memory_gib"),
         "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
     if peak_tflops:
-        result["mfu"] = t["flops_per_step"] / (t["sop_ms_per_step"] / 1000) / (peak_tflops * 1e12)
+        result["mfu"] = t["flops_per_step"] / (t["method_ms_per_step"] / 1000) / (peak_tflops * 1e12)
     if input_batches > 0:
         result |= time_inputs(cfg, input_batches, scratch)
     return result
 
 
 def format_table(r: dict[str, Any]) -> str:
+    m = {"sop": "SOP", "ibot": "iBOT", "dino": "DINO"}.get(r.get("method", "sop"), r.get("method", "sop"))
     rows = [
         ("device", r["device"]),
         ("torch", r["torch"]),
-        ("arch", r["arch"]),
+        ("method, arch", f"{r['method']}, {r['arch']}"),
         ("batch / crops", f"{r['batch']} / {r['crops']}"),
         ("precision, compile", f"{r['precision']}, {r['compile']}"),
-        ("step with SOP", f"{r['sop_ms_per_step']:.1f} ms  {r['sop_images_per_s']:.0f} img/s"),
+        (f"step with {m}", f"{r['method_ms_per_step']:.1f} ms  {r['method_images_per_s']:.0f} img/s"),
         ("step, trivial loss", f"{r['base_ms_per_step']:.1f} ms  {r['base_images_per_s']:.0f} img/s"),
-        ("SOP overhead (A/B)", f"{100 * r['sop_overhead']:+.1f}% of the trivial-loss step"),
+        (f"{m} overhead (A/B)", f"{100 * r['method_overhead']:+.1f}% of the trivial-loss step"),
         (
-            "SOP objective alone",
-            f"{r['objective_ms']:.1f} ms = {100 * r['objective_share']:.1f}% of the SOP step",
+            f"{m} objective alone",
+            f"{r['objective_ms']:.1f} ms = {100 * r['objective_share']:.1f}% of the {m} step",
         ),
         ("model GFLOPs/step", f"{r['model_gflops_per_step']:.1f}"),
-        ("MFU (SOP step)", "n/a (no known peak)" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"),
+        (f"MFU ({m} step)", "n/a (no known peak)" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"),
         ("peak memory", "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f} GiB"),
         ("host peak RSS", f"{r['host_peak_rss_gib']:.2f} GiB"),
     ]

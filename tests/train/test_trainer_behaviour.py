@@ -202,7 +202,7 @@ def test_online_knn_reports_only_a_finite_accuracy(tmp_path: Path, monkeypatch: 
 
 
 def test_a_saved_config_missing_a_section_or_the_config_is_refused_by_name(tmp_path: Path) -> None:
-    current = {"model": {"arch": "vit_test"}, "data": {}, "sop": {}}
+    current = {"method": "sop", "model": {"arch": "vit_test"}, "data": {}, "sop": {}}
     with pytest.raises(ConfigError, match=r"model\.arch=None"):
         check_compatible({"data": {}, "sop": {}}, current, tmp_path / "checkpoint.pt")
     Trainer(tiny_config(tmp_path, "train.max_steps=1")).fit()

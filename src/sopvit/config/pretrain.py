@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sopvit.baselines.config import DINOConfig, IBOTConfig
 from sopvit.config.coerce import check
 from sopvit.data.transforms import MultiCropSpec
 from sopvit.sop.objective import SOPConfig
 
 DatasetName = Literal["folder", "imagenet", "fashion_mnist", "cifar10", "cifar100"]
+Method = Literal["sop", "ibot", "dino"]
 
 
 @dataclass
@@ -152,13 +154,26 @@ class RunConfig:
 
 @dataclass
 class PretrainConfig:
+    method: Method = "sop"  # sop: the paper's; ibot, dino: the baselines it compares with
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sop: SOPConfig = field(default_factory=SOPConfig)
+    ibot: IBOTConfig = field(default_factory=IBOTConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    @property
+    def method_config(self) -> SOPConfig | IBOTConfig | DINOConfig:
+        """The section of the method that runs (``sop``, ``ibot`` or ``dino``)."""
+        section: SOPConfig | IBOTConfig | DINOConfig = getattr(self, self.method)
+        return section
+
     def validate(self) -> None:
+        if self.method == "sop":  # the other methods' sections validate themselves
+            self._validate_sop()
+
+    def _validate_sop(self) -> None:
         s = self.sop
         check(s.dim == self.model.head_bottleneck_dim, "sop.dim", "must equal model.head_bottleneck_dim")
         for bank, anchors, k, keep in (

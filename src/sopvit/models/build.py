@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sopvit.baselines.config import DINOConfig
 from sopvit.config import ConfigError
 from sopvit.config.pretrain import PretrainConfig
 from sopvit.models.student_teacher import StudentTeacher
@@ -27,7 +28,9 @@ def build_model(cfg: PretrainConfig) -> StudentTeacher:
 
 
 def _create(cfg: PretrainConfig, arch_overrides: dict[str, int]) -> StudentTeacher:
-    m = cfg.model
+    m, method = cfg.model, cfg.method_config
+    # iBOT and DINO end the head with learnable prototypes; SOP's prototypes come from its memories.
+    prototypes = method if isinstance(method, DINOConfig) else None
     return StudentTeacher.create(
         m.arch,
         cfg.data.global_size,
@@ -36,5 +39,7 @@ def _create(cfg: PretrainConfig, arch_overrides: dict[str, int]) -> StudentTeach
         m.head_hidden_dim,
         m.head_bottleneck_dim,
         m.head_layers,
+        head_prototypes=prototypes.out_dim if prototypes else None,
+        norm_last_layer=prototypes.norm_last_layer if prototypes else True,
         **arch_overrides,
     )

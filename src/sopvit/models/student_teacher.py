@@ -169,16 +169,27 @@ class StudentTeacher(nn.Module):
         head_hidden: int = 2048,
         head_bottleneck: int = 256,
         head_layers: int = 3,
+        head_prototypes: int | None = None,
+        norm_last_layer: bool = True,
         **overrides: Any,
     ) -> StudentTeacher:
         """Build student (with ``drop_path_rate``) and a teacher with identical weights and no drop path.
 
-        ``overrides`` go to :func:`~sopvit.models.factory.create_backbone` (e.g. ``patch_size``).
+        ``head_prototypes``/``norm_last_layer``: the head's learnable prototype layer (iBOT, DINO; see
+        :class:`ProjectionHead`). ``overrides`` go to :func:`~sopvit.models.factory.create_backbone` (e.g.
+        ``patch_size``).
         """
 
         def build(rate: float) -> Encoder:
             backbone = create_backbone(arch, img_size, in_chans, rate, **overrides)
-            head = ProjectionHead(backbone.embed_dim, head_hidden, head_bottleneck, head_layers)
+            head = ProjectionHead(
+                backbone.embed_dim,
+                head_hidden,
+                head_bottleneck,
+                head_layers,
+                n_prototypes=head_prototypes,
+                norm_last_layer=norm_last_layer,
+            )
             return Encoder(backbone, head)
 
         student = build(drop_path_rate)

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from sopvit.distributed import rank, world_size
+from sopvit.methods.interface import StudentOutputs, TeacherOutputs, TokenPlan
 from sopvit.sop.losses import assign_to_supports, cross_view_loss, masked_token_loss
 from sopvit.sop.memory_bank import MemoryBank
 from sopvit.sop.prototypes import AnchorSelection, Prototypes, build_prototype_tasks
+from sopvit.train.schedules import ScheduleValues
 
 
 @dataclass
@@ -61,8 +63,13 @@ class SOPObjective(nn.Module):
     """Loss of one SOP step from student and teacher head outputs (all unit-norm, dim K).
 
     Holds the [CLS] and patch memories (buffers) and a generator whose state is part of the module
-    state: every rank builds the same prototypes, and a resumed run draws the same anchors.
+    state: every rank builds the same prototypes, and a resumed run draws the same anchors. Implements
+    :class:`sopvit.methods.Objective` for the training loop; :meth:`loss` and :meth:`forward` are the same
+    computation on plain tensors.
     """
+
+    masks_student: bool = True
+    head_prototypes: int | None = None  # the prototypes come from the memories: no prototype layer
 
     def __init__(self, cfg: SOPConfig | None = None, **overrides: Any) -> None:
         super().__init__()
@@ -189,6 +196,34 @@ class SOPObjective(nn.Module):
         metrics["loss"] = loss.detach()
         metrics.update(self._assignment_metrics(s_cls[:, : 2 * b].detach(), t_cls, b))
         return loss, metrics
+
+    def plan_tokens(self, masks: torch.Tensor) -> TokenPlan:
+        """The masked tokens (patch loss) and one memory key per image of the second view (patch memory).
+
+        masks: bool (2B, L); the plan's state is the (2B, L) memory keys.
+        """
+        b = masks.shape[0] // 2
+        keys = torch.zeros_like(masks)
+        keys[torch.arange(b, 2 * b), self.memory_tokens(b, masks.shape[1]).to(masks.device)] = True
+        return TokenPlan(teacher=masks | keys, state=keys)
+
+    def compute_loss(
+        self, student: StudentOutputs, teacher: TeacherOutputs, values: ScheduleValues
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.loss(
+            student_cls=student.cls,
+            teacher_cls=teacher.cls,
+            student_tokens=student.tokens,
+            teacher_tokens=teacher.at_masks(),
+            token_image=teacher.masks.nonzero()[:, 0],
+            n_images=teacher.masks.shape[0],
+            teacher_temp=values.teacher_temp,
+            patch_teacher_temp=values.patch_teacher_temp,
+        )
+
+    def after_update(self, teacher: TeacherOutputs) -> None:
+        keys = teacher.plan.state
+        self.update_memory(teacher.cls, teacher.tokens[keys[teacher.plan.teacher]], teacher.ids)
 
     @staticmethod
     def _assignment_metrics(s_glob: torch.Tensor, t_glob: torch.Tensor, b: int) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""One SOP optimisation step: teacher targets, student outputs, the objective, the update."""
+"""One optimisation step of any pre-training method: teacher targets, student outputs, the objective's
+loss, the update, then the objective's own update (memories, centers)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sopvit.device import autocast
 from sopvit.distributed import all_reduce_min
+from sopvit.methods.interface import Objective, StudentOutputs, TeacherOutputs
 from sopvit.models import StudentTeacher
-from sopvit.sop import SOPObjective
 from sopvit.train.inputs import Batch
 from sopvit.train.optim import clip_per_parameter
 from sopvit.train.schedules import ScheduleValues
@@ -26,12 +27,13 @@ class NonFiniteLossError(RuntimeError):
 class StepContext:
     model: StudentTeacher
     student: nn.Module  # model.student, wrapped in DDP when distributed
-    objective: SOPObjective
+    objective: Objective
     optimizer: torch.optim.Optimizer
     device: torch.device
     autocast_dtype: torch.dtype | None
     clip_grad: float
     on_nan: str  # "stop" | "skip"
+    freeze_last_layer_steps: int = 0  # the head's prototype layer gets no update before this step
 
     def autocast(self) -> AbstractContextManager[object]:
         return autocast(self.device, "fp32" if self.autocast_dtype is None else "bf16")
@@ -61,10 +63,12 @@ def train_step(
     Nothing from a non-finite micro-batch reaches the weights or the memories.
     """
     totals: dict[str, torch.Tensor] = {}
-    pending_memory = []
+    pending: list[TeacherOutputs] = []
     for i, batch in enumerate(batches):
         crops = [c.to(ctx.device, non_blocking=True) for c in batch.crops]
         masks = batch.masks.to(ctx.device, non_blocking=True).flatten(1)  # (2B, L)
+        if not ctx.objective.masks_student:
+            masks = torch.zeros_like(masks)
         b = crops[0].shape[0]
         last = i == len(batches) - 1
         sync = (
@@ -72,28 +76,19 @@ def train_step(
             if last or not isinstance(ctx.student, DistributedDataParallel)
             else ctx.student.no_sync()
         )
-        # Only masked tokens (student and teacher) and one memory key per image (teacher) need the head.
-        keys = torch.zeros_like(masks)
-        keys[torch.arange(b, 2 * b), ctx.objective.memory_tokens(b, masks.shape[1]).to(ctx.device)] = True
-        teacher_select = masks | keys
+        # Only the tokens the method asks for go through the head: the head costs a few blocks per token.
+        plan = ctx.objective.plan_tokens(masks)
+        global_masks = [masks[:b], masks[b:]] + [None] * (len(crops) - 2)
         with sync, ctx.autocast():
             with torch.no_grad():
-                teacher = ctx.model.teacher(torch.cat(crops[:2]), select=teacher_select)
-            student = ctx.student(
-                crops,
-                [masks[:b], masks[b:]] + [None] * (len(crops) - 2),
-                select=[masks[:b], masks[b:]] + [None] * (len(crops) - 2),
+                out = ctx.model.teacher(torch.cat(crops[:2]), select=plan.teacher)
+            teacher = TeacherOutputs(out["cls"], out["patch"], masks, plan, batch.ids.to(ctx.device))
+            outs = ctx.student(crops, global_masks, select=global_masks)
+            student = StudentOutputs(
+                cls=torch.cat([o["cls"] for o in outs]),
+                tokens=torch.cat([outs[0]["patch"], outs[1]["patch"]]),
             )
-            loss, metrics = ctx.objective.loss(
-                student_cls=torch.cat([s["cls"] for s in student]),
-                teacher_cls=teacher["cls"],
-                student_tokens=torch.cat([student[0]["patch"], student[1]["patch"]]),
-                teacher_tokens=teacher["patch"][masks[teacher_select]],
-                token_image=masks.nonzero()[:, 0],
-                n_images=2 * b,
-                teacher_temp=values.teacher_temp,
-                patch_teacher_temp=values.patch_teacher_temp,
-            )
+            loss, metrics = ctx.objective.compute_loss(student, teacher, values)
             bad = _check_finite(metrics)
             if bad is not None:
                 ctx.optimizer.zero_grad(set_to_none=True)
@@ -105,16 +100,19 @@ def train_step(
                     "train.on_nan=skip."
                 )
             (loss / len(batches)).backward()
-        memory_keys = teacher["patch"][keys[teacher_select]]
-        pending_memory.append((teacher["cls"].detach(), memory_keys.detach(), batch.ids.to(ctx.device)))
+        pending.append(teacher)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0) + v / len(batches)
 
     params = [p for p in ctx.model.student.parameters() if p.grad is not None]
     clip_per_parameter(params, ctx.clip_grad)
+    if step < ctx.freeze_last_layer_steps:  # DINO/iBOT: prototypes frozen while the rest settles
+        for name, p in ctx.model.student.named_parameters():
+            if name.startswith("head.last_layer."):
+                p.grad = None
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.model.update_teacher(values.momentum)
-    for cls, patch, ids in pending_memory:
-        ctx.objective.update_memory(cls, patch, ids)
+    for teacher in pending:
+        ctx.objective.after_update(teacher)
     return totals

@@ -15,11 +15,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sopvit import distributed as dist
+from sopvit.baselines.config import DINOConfig
 from sopvit.config import ConfigError, config_to_dict, save_config
 from sopvit.config.pretrain import PretrainConfig
 from sopvit.device import autocast_dtype, resolve_device
+from sopvit.methods.registry import build_objective
 from sopvit.models import build_model
-from sopvit.sop import SOPObjective
 from sopvit.train.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
@@ -65,12 +66,25 @@ _SHAPE_KEYS = {
     ),
     "data": ("in_chans",),
     "sop": ("dim", "cls_bank_size", "patch_bank_size"),
+    "ibot": ("out_dim",),
+    "dino": ("out_dim",),
 }
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse, naming the key, to resume a run whose architecture or memories differ from the config."""
+    """Refuse, naming the key, to resume a run whose method, architecture or memories differ from the
+    config (runs written before ``method`` existed are SOP runs)."""
+    old_method, method = saved.get("method", "sop"), current["method"]
+    if old_method != method:
+        raise ConfigError(
+            f"the run in {path.parent} was trained with method={old_method}, this config has {method}: "
+            "use another run.output_dir or the run's own config.yaml",
+            "method",
+        )
+    methods = {"sop", "ibot", "dino"}
     for section, keys in _SHAPE_KEYS.items():
+        if section in methods and section != method:
+            continue
         for key in keys:
             old, new = saved.get(section, {}).get(key), current[section][key]
             if old != new:
@@ -96,7 +110,8 @@ class Trainer:
         self.inputs = PretrainInputs(
             cfg.data, patch_size, cfg.train.batch_size, self.world, self.rank, cfg.train.seed
         )
-        self.objective = SOPObjective(cfg.sop).to(self.device)
+        # Any: callers (tests, the gallery) reach the method's own state, e.g. SOP's memories.
+        self.objective: Any = build_objective(cfg, self.device)
         student: nn.Module = self.model.student
         if self.world > 1:
             student = DistributedDataParallel(
@@ -114,6 +129,7 @@ class Trainer:
         self.total_steps = t.epochs * steps_per_epoch
         self.stop_step = min(self.total_steps, t.max_steps or self.total_steps)
         global_batch = t.batch_size * self.world * t.accum_steps
+        method = cfg.method_config
         self.schedules = Schedules(
             total_steps=self.total_steps,
             lr=t.lr * global_batch / 256,
@@ -137,6 +153,7 @@ class Trainer:
             autocast_dtype(t.precision, self.device),
             t.clip_grad,
             t.on_nan,
+            round(method.freeze_last_layer * steps_per_epoch) if isinstance(method, DINOConfig) else 0,
         )
         self.run_dir = Path(cfg.run.output_dir)
         self.step = 0
