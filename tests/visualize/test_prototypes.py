@@ -8,10 +8,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sopvit.eval.cache import EvalDataConfig, split_features
+from sopvit.export.load import teacher_encoder
 from sopvit.train.checkpoint import load_checkpoint, save_checkpoint
+from sopvit.train.trainer import Trainer
 from sopvit.visualize import prototype_gallery
 from sopvit.visualize.attention import load_run
-from sopvit.visualize.prototypes import CELL_H, CELL_W, DPI, HEADER, gallery_layout, run_gallery_layout
+from sopvit.visualize.prototypes import (
+    CELL_H,
+    CELL_W,
+    DPI,
+    HEADER,
+    gallery_layout,
+    learned_gallery_layout,
+    run_gallery_layout,
+)
+from tests.train.tiny import tiny_config
 
 
 def test_supports_are_nearest_valid_neighbours(trained_run: Path) -> None:
@@ -79,3 +91,27 @@ def test_gallery_without_valid_ids_fails_clearly(run_copy: Path, tmp_path: Path)
 def test_gallery_data_path_override_is_checked(trained_run: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="missing-data"):
         prototype_gallery(trained_run, tmp_path / "g.png", data_path=tmp_path / "missing-data")
+
+
+@pytest.mark.parametrize("method", ["ibot", "dino"])
+def test_learned_prototypes_show_their_highest_scoring_images(method: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / method
+    Trainer(tiny_config(run_dir, f"method={method}", f"{method}.out_dim=16", "train.max_steps=2")).fit()
+    run = load_run(run_dir)
+    layout = learned_gallery_layout(run, n_prototypes=3, k=4)
+
+    teacher = teacher_encoder(run.state, run.config)
+    cfg = EvalDataConfig(dataset="fashion_mnist", image_size=16, in_chans=1, limit=128)
+    features, _ = split_features(teacher.backbone, cfg, "train", "cls")
+    with torch.no_grad():
+        logits = teacher.head(features)  # (128 images, 16 prototypes)
+    usage = torch.bincount(logits.argmax(1), minlength=16)
+    for row in range(3):
+        shown = [int(layout.anchor_ids[row]), *layout.support_ids[row].tolist()]
+        # the row's prototype: the one whose 5 best images these are
+        matches = [p for p in range(16) if logits[:, p].topk(5).indices.tolist() == shown]
+        assert matches, f"row {row} is not the top-5 images of any prototype"
+        assert usage[matches[0]] == usage.sort(descending=True).values[row]  # most used first
+        torch.testing.assert_close(layout.scores[row], logits[shown[1:], matches[0]])
+    out = prototype_gallery(run_dir, tmp_path / "gallery.png", n_prototypes=3, k=4)
+    assert Image.open(out).size == (round(5 * CELL_W * DPI), round((3 * CELL_H + HEADER) * DPI))

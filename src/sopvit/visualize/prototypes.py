@@ -1,4 +1,5 @@
-"""A gallery of self-organizing prototypes built from a run's saved [CLS] memory."""
+"""A gallery of a run's prototypes: SOP's built from the saved [CLS] memory, iBOT's and DINO's learned
+ones (the head's prototype layer) shown through the training images that score highest on them."""
 
 from __future__ import annotations
 
@@ -90,6 +91,35 @@ def run_gallery_layout(run: Run, n_prototypes: int = 8, k: int | None = None, se
     return gallery_layout(objective[keys[0]], objective[keys[1]], n_prototypes, k, seed)
 
 
+def learned_gallery_layout(
+    run: Run, n_prototypes: int = 8, k: int = 8, data_path: str | None = None, limit: int = 10000
+) -> GalleryLayout:
+    """iBOT/DINO: the ``n_prototypes`` learned prototypes the teacher uses most (arg-max over up to ``limit``
+    training images), each shown as the image with the highest [CLS] logit on it, then the next ``k``
+    (scores: the logits, i.e. cosine similarities when the prototypes' norm is fixed at 1)."""
+    from sopvit.eval.cache import EvalDataConfig, split_features
+    from sopvit.export.load import teacher_encoder
+
+    data = run.config.data
+    teacher = teacher_encoder(run.state, run.config)
+    cfg = EvalDataConfig(
+        dataset=data.dataset,
+        path=data_path or data.path,
+        image_size=data.global_size,
+        in_chans=data.in_chans,
+        limit=min(limit, data.limit or limit),
+    )
+    features, _ = split_features(teacher.backbone, cfg, "train", "cls")
+    with torch.no_grad():
+        logits = teacher.head(features.to(next(teacher.head.parameters()).device)).float().cpu()
+    if logits.shape[0] < k + 1:
+        raise ValueError(f"{logits.shape[0]} training images cannot show k={k} neighbours per prototype")
+    usage = torch.bincount(logits.argmax(dim=1), minlength=logits.shape[1])
+    chosen = usage.argsort(descending=True, stable=True)[:n_prototypes]
+    scores, ids = logits[:, chosen].T.topk(k + 1, dim=1)  # (P, k + 1), best first
+    return GalleryLayout(ids[:, 0].clone(), ids[:, 1:].clone(), scores[:, 1:].clone())
+
+
 def _image(dataset: Any, index: int, in_chans: int, source: str) -> np.ndarray:
     if not 0 <= index < len(dataset):
         raise ValueError(
@@ -107,11 +137,13 @@ def prototype_gallery(
     k: int | None = None,
     seed: int = 0,
 ) -> Path:
-    """Draw ``n_prototypes`` SOP prototypes of a run as a PNG grid and return its path.
+    """Draw ``n_prototypes`` prototypes of a run as a PNG grid and return its path.
 
-    Each row is one prototype: its anchor image, then its ``k`` (default: the run's ``sop.cls_k``)
+    SOP: each row is one prototype: its anchor image, then its ``k`` (default: the run's ``sop.cls_k``)
     support images titled with their contribution score (cosine similarity to the anchor, as the
-    memory rows are unit vectors). Images come from the run's training set (``data.dataset`` at
+    memory rows are unit vectors). iBOT/DINO: each row is one of the most used learned prototypes, its
+    top-scoring training image then the next ``k`` (default 8) with their logits
+    (:func:`learned_gallery_layout`). Images come from the run's training set (``data.dataset`` at
     ``data.path``; ``data_path`` overrides the path). The figure is ``(k + 1) * CELL_W`` by
     ``n_prototypes * CELL_H + HEADER`` inches at ``DPI``.
     """
@@ -122,11 +154,15 @@ def prototype_gallery(
 
     out_png = Path(out_png)
     run = load_run(run_dir_or_checkpoint)
-    layout = run_gallery_layout(run, n_prototypes, k, seed)
     data = run.config.data
     path = str(data_path) if data_path is not None else data.path
     if path is not None and not Path(path).exists():
         raise FileNotFoundError(f"data path {path} does not exist")
+    learned = run.config.method != "sop"
+    if learned:
+        layout = learned_gallery_layout(run, n_prototypes, 8 if k is None else k, path)
+    else:
+        layout = run_gallery_layout(run, n_prototypes, k, seed)
     dataset: Any = build_dataset(data.dataset, path, "train", limit=data.limit)
     source = f"{data.dataset}:{path or 'default location'}"
 
@@ -134,7 +170,8 @@ def prototype_gallery(
     height = rows * CELL_H + HEADER
     fig, axes = plt.subplots(rows, cols, figsize=(cols * CELL_W, height), dpi=DPI, squeeze=False)
     for r in range(rows):
-        cells = [(int(layout.anchor_ids[r]), f"anchor #{int(layout.anchor_ids[r])}")]
+        first = "top" if learned else "anchor"
+        cells = [(int(layout.anchor_ids[r]), f"{first} #{int(layout.anchor_ids[r])}")]
         cells += [
             (int(i), f"{float(s):.3f}") for i, s in zip(layout.support_ids[r], layout.scores[r], strict=True)
         ]
@@ -146,9 +183,13 @@ def prototype_gallery(
             ax.set_xticks([])
             ax.set_yticks([])
     step = run.state.get("step", "?")
-    fig.suptitle(
-        f"SOP prototypes from the [CLS] memory, step {step}", fontsize=9, y=1 - 0.05 / height, va="top"
+    name = {"ibot": "iBOT", "dino": "DINO"}.get(run.config.method)
+    title = (
+        f"{name} learned prototypes (most used) and their top training images, step {step}"
+        if learned
+        else f"SOP prototypes from the [CLS] memory, step {step}"
     )
+    fig.suptitle(title, fontsize=9, y=1 - 0.05 / height, va="top")
     # Fixed margins (not tight_layout/bbox) keep the output size exactly the grid times the cell size;
     # the top margin leaves the title band plus room for the first row's titles.
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - (HEADER + 0.25) / height, hspace=0.35)
