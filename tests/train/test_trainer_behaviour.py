@@ -242,3 +242,36 @@ def test_a_checkpoint_with_one_rng_state_dict_still_resumes(tmp_path: Path) -> N
     torch.manual_seed(0)
     Trainer(tiny_config(tmp_path, "run.resume=true"))
     assert torch.equal(torch.get_rng_state(), rank_0["torch"])
+
+
+def _config(method: str | None, **sections: dict[str, Any]) -> dict[str, Any]:
+    """The tiny config as a checkpoint stores it, with ``method`` (None: absent) and section values."""
+    from sopvit.config import config_to_dict
+
+    config = config_to_dict(tiny_config(Path("unused"), "sop.dim=32", "ibot.out_dim=64", "dino.out_dim=64"))
+    for name, values in sections.items():
+        config[name] = {**config[name], **values}
+    if method is None:
+        del config["method"]
+    else:
+        config["method"] = method
+    return config
+
+
+def test_resuming_needs_the_same_method_and_that_methods_shapes(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    check_compatible(_config(None), _config("sop"), path)  # written before `method` existed: a SOP run
+    with pytest.raises(ConfigError, match=r"method=sop, this config has ibot") as err:
+        check_compatible(_config(None), _config("ibot"), path)
+    assert err.value.key == "method"
+    with pytest.raises(ConfigError, match=r"method=dino, this config has ibot"):
+        check_compatible(_config("dino"), _config("ibot"), path)
+    # only the running method's section fixes shapes
+    for method in ("sop", "ibot", "dino"):
+        others = {name: {"dim": 16, "out_dim": 48} for name in ("sop", "ibot", "dino") if name != method}
+        check_compatible(_config(method, **others), _config(method), path)
+    with pytest.raises(ConfigError, match=r"sop\.dim=16, this config has 32"):
+        check_compatible(_config("sop", sop={"dim": 16}), _config("sop"), path)
+    for method in ("ibot", "dino"):
+        with pytest.raises(ConfigError, match=rf"{method}\.out_dim=48, this config has 64"):
+            check_compatible(_config(method, **{method: {"out_dim": 48}}), _config(method), path)

@@ -52,7 +52,7 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-# Settings that fix tensor shapes: a run can only continue with the same values.
+# Settings that fix tensor shapes: a run can only continue with the same values (and the same method).
 _SHAPE_KEYS = {
     "model": (
         "arch",
@@ -65,6 +65,8 @@ _SHAPE_KEYS = {
         "head_layers",
     ),
     "data": ("in_chans",),
+}
+_METHOD_SHAPE_KEYS = {
     "sop": ("dim", "cls_bank_size", "patch_bank_size"),
     "ibot": ("out_dim",),
     "dino": ("out_dim",),
@@ -81,10 +83,7 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
             "use another run.output_dir or the run's own config.yaml",
             "method",
         )
-    methods = {"sop", "ibot", "dino"}
-    for section, keys in _SHAPE_KEYS.items():
-        if section in methods and section != method:
-            continue
+    for section, keys in {**_SHAPE_KEYS, method: _METHOD_SHAPE_KEYS[method]}.items():
         for key in keys:
             old, new = saved.get(section, {}).get(key), current[section][key]
             if old != new:
