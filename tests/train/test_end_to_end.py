@@ -12,7 +12,7 @@ from sopvit.eval.online import knn_of_backbone
 from sopvit.train.checkpoint import CheckpointError, load_checkpoint
 from sopvit.train.step import NonFiniteLossError
 from sopvit.train.trainer import Trainer
-from tests.train.tiny import tiny_config
+from tests.train.tiny import poison, tiny_config
 
 
 def _final_state(run_dir: Path) -> dict:
@@ -125,15 +125,7 @@ def test_nan_batch_is_skipped_when_asked_and_never_reaches_memory(tmp_path: Path
     trainer = Trainer(
         tiny_config(tmp_path, "train.max_steps=4", "train.on_nan=skip", "data.batched_augment=true")
     )
-    clean = trainer.inputs.batches
-
-    def poisoned(start: int, stop: int, device: torch.device):  # type: ignore[no-untyped-def]
-        for m, batch in enumerate(clean(start, stop, device), start):
-            if m == 1:
-                batch.crops[0][0, 0, 0, 0] = float("nan")
-            yield batch
-
-    trainer.inputs.batches = poisoned  # type: ignore[method-assign]
+    poison(trainer, 1)
     trainer.fit()
     assert trainer.step == 4
     assert torch.isfinite(trainer.objective.cls_bank.embeddings).all()

@@ -16,7 +16,7 @@ from sopvit.train import trainer as trainer_module
 from sopvit.train.checkpoint import load_checkpoint, save_checkpoint
 from sopvit.train.schedules import Schedules
 from sopvit.train.trainer import Trainer, check_compatible
-from tests.train.tiny import tiny_config
+from tests.train.tiny import edit_batches, poison, tiny_config
 
 # tiny_config: 128 images, 16 per micro-batch -> 8 micro-batches an epoch, 2 epochs.
 
@@ -158,15 +158,7 @@ def test_a_resumed_fit_runs_only_the_remaining_steps(tmp_path: Path, monkeypatch
 
 def test_a_non_finite_loss_names_the_step_it_happened_in(tmp_path: Path) -> None:
     trainer = Trainer(tiny_config(tmp_path, "train.max_steps=3", "data.batched_augment=true"))
-    clean = trainer.inputs.batches
-
-    def poisoned(start: int, stop: int, device: torch.device):  # type: ignore[no-untyped-def]
-        for m, batch in enumerate(clean(start, stop, device), start):
-            if m == 2:
-                batch.crops[0][0, 0, 0, 0] = float("nan")
-            yield batch
-
-    trainer.inputs.batches = poisoned  # type: ignore[method-assign]
+    poison(trainer, 2)
     with pytest.raises(RuntimeError, match=r"^step 2: loss"):
         trainer.fit()
 
@@ -174,14 +166,11 @@ def test_a_non_finite_loss_names_the_step_it_happened_in(tmp_path: Path) -> None
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_skipped_files_add_up_over_steps_and_resumes(tmp_path: Path) -> None:
     trainer = Trainer(tiny_config(tmp_path, "train.max_steps=3", "data.batched_augment=true"))
-    clean = trainer.inputs.batches
 
-    def lossy(start: int, stop: int, device: torch.device):  # type: ignore[no-untyped-def]
-        for batch in clean(start, stop, device):
-            batch.skipped = 2
-            yield batch
+    def lossy(m: int, batch: Any) -> None:
+        batch.skipped = 2
 
-    trainer.inputs.batches = lossy  # type: ignore[method-assign]
+    edit_batches(trainer, lossy)
     with pytest.warns(UserWarning, match="6 unreadable image file"):
         trainer.fit()
     assert load_checkpoint(tmp_path / "checkpoint.pt")["skipped_files"] == 6

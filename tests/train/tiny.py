@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from sopvit.config import load_config
 from sopvit.config.pretrain import PretrainConfig
@@ -37,3 +41,25 @@ TINY = [
 
 def tiny_config(run_dir: Path, *overrides: str) -> PretrainConfig:
     return load_config(PretrainConfig, None, [*TINY, f"run.output_dir={run_dir}", *overrides])
+
+
+def edit_batches(trainer: Any, edit: Callable[[int, Any], None]) -> None:
+    """Make the trainer's input stream call ``edit(micro_batch_index, batch)`` on each batch it serves."""
+    clean = trainer.inputs.batches
+
+    def edited(start: int, stop: int, device: torch.device) -> Iterator[Any]:
+        for m, batch in enumerate(clean(start, stop, device), start):
+            edit(m, batch)
+            yield batch
+
+    trainer.inputs.batches = edited
+
+
+def poison(trainer: Any, micro_batch: int) -> None:
+    """A NaN pixel in micro-batch ``micro_batch`` of the trainer's stream."""
+
+    def nan(m: int, batch: Any) -> None:
+        if m == micro_batch:
+            batch.crops[0][0, 0, 0, 0] = float("nan")
+
+    edit_batches(trainer, nan)
