@@ -70,3 +70,13 @@ def test_missing_and_damaged_files_are_named(tmp_path: Path) -> None:
 def test_a_write_into_a_missing_folder_fails_cleanly(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"could not write checkpoint .*: No such file or directory"):
         save_checkpoint({"step": 1}, tmp_path / "missing" / "checkpoint.pt")
+
+
+def test_a_failed_write_names_the_os_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError("the volume went away")  # no errno: the message is the reason
+
+    monkeypatch.setattr("sopvit.train.checkpoint.torch.save", fail)
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*: the volume went away"):
+        save_checkpoint({"step": 1}, tmp_path / "checkpoint.pt")
+    assert list(tmp_path.iterdir()) == []

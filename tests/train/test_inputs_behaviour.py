@@ -117,3 +117,12 @@ def test_per_sample_masks_depend_on_the_seed_epoch_and_image_and_nothing_else() 
     assert len({masks[k].numpy().tobytes() for k in keys}) == len(keys)
     other_seed = _SeededSamples(inputs.dataset, inputs.masks, seed=4)
     assert not torch.equal(other_seed[(0, 0)]["masks"], masks[(0, 0)])
+
+
+def test_serving_batches_leaves_the_global_rng_alone() -> None:
+    # The per-sample loader seeds its workers from its own generator: drawing from the global stream
+    # would shift drop path in a resumed run (it restarts the loader) against an uninterrupted one.
+    inputs = _inputs(batched=False)
+    state = torch.get_rng_state()
+    batches = list(inputs.batches(0, 2, torch.device("cpu")))
+    assert len(batches) == 2 and torch.equal(torch.get_rng_state(), state)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sopvit.train.inputs import Batch
+from sopvit.train.optim import set_schedule
 from sopvit.train.step import NonFiniteLossError, _check_finite, train_step
 from sopvit.train.trainer import Trainer
 from tests.train.tiny import tiny_config
@@ -176,3 +177,26 @@ def test_the_forward_runs_in_the_configured_precision(tmp_path: Path, precision:
     trainer.objective.loss = spy  # type: ignore[method-assign]
     train_step(trainer.ctx, _batches(trainer, 1), trainer.schedules.at(0), 0)
     assert seen == [precision == "bf16"]
+
+
+def test_a_step_skipped_after_an_accumulated_backward_leaves_no_gradient(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, "train.on_nan=skip", "train.accum_steps=2")
+    first, second = _batches(trainer, 2)
+    second.crops[0][0, 0, 0, 0] = float("nan")  # the first micro-batch's backward already ran
+    assert train_step(trainer.ctx, [first, second], trainer.schedules.at(0), 0).keys() == {"skipped"}
+    assert all(p.grad is None for p in trainer.model.student.parameters())
+
+
+def test_the_prototype_layer_is_updated_from_step_freeze_last_layer_steps_on(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, "method=ibot", "ibot.out_dim=16", "ibot.freeze_last_layer=0.25")
+    assert trainer.ctx.freeze_last_layer_steps == 2  # 8 steps an epoch
+    named = dict(trainer.model.student.named_parameters())
+    layer = named["head.last_layer.parametrizations.weight.original1"]
+    moved = []
+    for step, batch in enumerate(_batches(trainer, 3)):
+        before = layer.detach().clone()
+        values = trainer.schedules.at(step)
+        set_schedule(trainer.optimizer, values.lr, values.weight_decay)
+        train_step(trainer.ctx, [batch], values, step)
+        moved.append(not torch.equal(layer, before))
+    assert moved == [False, False, True]
