@@ -74,6 +74,16 @@ TESTS_FOR: dict[str, tuple[str, ...]] = {
 # Seconds of tests per mutant (fastest first). train/ gets more: its behaviour tests each build a tiny
 # Trainer, and the end-to-end resume tests that pin the checkpoint contents take 0.2-0.6 s each.
 BUDGET_FOR: dict[str, float] = {"sop": 5.0, "train": 20.0, "data": 5.0, "eval-metrics": 5.0}
+# Tests whose ranks run in subprocesses: mutmut's in-process map of which tests reach which function never
+# sees them, so a mutant only they can kill (DDP wrapping and its no_sync, the global batch's world factor)
+# would count as a survivor. After the run, surviving mutants of these functions meet these tests too, the
+# mutant switched on in every rank through the MUTANT_UNDER_TEST variable the ranks inherit.
+MULTIPROCESS_CHECKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "train": (
+        ("sopvit.train.trainer.xǁTrainerǁ__init____mutmut_*", "sopvit.train.step.x_train_step__mutmut_*"),
+        ("tests/train/test_distributed_train.py::test_two_ranks_match_one_process",),
+    ),
+}
 TRANSPARENT_DECORATORS = frozenset({"torch.no_grad()", "torch.inference_mode()"})
 DETECTED = ("killed", "timeout", "segfault", "caught by type check")
 
@@ -335,6 +345,33 @@ def report(packages: dict[str, tuple[str, ...]], elapsed: float | None) -> int:
     return 0
 
 
+def multiprocess_pass(packages: dict[str, tuple[str, ...]]) -> None:
+    """Run ``MULTIPROCESS_CHECKS``' tests on the surviving mutants of their functions; record the killed."""
+    import subprocess
+
+    equivalent = load_equivalent()
+    for package, (functions, tests) in MULTIPROCESS_CHECKS.items():
+        if package not in packages:
+            continue
+        for name, (source, status) in load_results().items():
+            if status != "survived" or name in equivalent:
+                continue
+            if not any(fnmatch.fnmatchcase(name, f) for f in functions):
+                continue
+            env = {**os.environ, "MUTANT_UNDER_TEST": name, "PYTHONPATH": "src"}
+            cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+            done = subprocess.run(cmd, cwd=ROOT / "mutants", env=env, capture_output=True, text=True)
+            if done.returncode == 0:
+                continue
+            if done.returncode != 1:  # 1: a test failed; anything else is a broken run, not a kill
+                raise RuntimeError(f"{name}: the multi-process tests could not run:\n{done.stdout[-2000:]}")
+            meta = ROOT / "mutants" / f"{source}.meta"
+            data = json.loads(meta.read_text())
+            data["exit_code_by_key"][name] = 1
+            meta.write_text(json.dumps(data, indent=4))
+            print(f"killed by the multi-process tests: {name}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -372,6 +409,7 @@ def main() -> int:
     except SystemExit as err:
         if err.code:
             return int(err.code) if isinstance(err.code, int) else 1
+    multiprocess_pass(packages)
     return report(packages, time.monotonic() - start)
 
 

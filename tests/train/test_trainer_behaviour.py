@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.eval_frame import OptimizedModule  # imported here: seconds, not part of the test
 
 from sopvit.config import ConfigError
 from sopvit.train import trainer as trainer_module
@@ -74,8 +75,6 @@ def test_cpu_training_uses_explicit_attention_in_both_encoders(tmp_path: Path) -
 
 
 def test_compile_wraps_the_student_the_step_calls(tmp_path: Path) -> None:
-    from torch._dynamo.eval_frame import OptimizedModule
-
     trainer = Trainer(tiny_config(tmp_path, "train.compile=true"))  # compiles lazily: nothing runs here
     assert isinstance(trainer.student, OptimizedModule) and trainer.ctx.student is trainer.student
     assert trainer.student._orig_mod is trainer.model.student
