@@ -74,15 +74,30 @@ TESTS_FOR: dict[str, tuple[str, ...]] = {
 # Seconds of tests per mutant (fastest first). train/ gets more: its behaviour tests each build a tiny
 # Trainer, and the end-to-end resume tests that pin the checkpoint contents take 0.2-0.6 s each.
 BUDGET_FOR: dict[str, float] = {"sop": 5.0, "train": 20.0, "data": 5.0, "eval-metrics": 5.0}
-# Tests whose ranks run in subprocesses: mutmut's in-process map of which tests reach which function never
-# sees them, so a mutant only they can kill (DDP wrapping and its no_sync, the global batch's world factor)
-# would count as a survivor. After the run, surviving mutants of these functions meet these tests too, the
-# mutant switched on in every rank through the MUTANT_UNDER_TEST variable the ranks inherit.
-MULTIPROCESS_CHECKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "train": (
-        ("sopvit.train.trainer.xǁTrainerǁ__init____mutmut_*", "sopvit.train.step.x_train_step__mutmut_*"),
-        ("tests/train/test_distributed_train.py::test_two_ranks_match_one_process",),
-    ),
+# A second pass, after the run: surviving mutants of the listed functions meet more of ``make test``.
+# * The 2-rank tests run their ranks in subprocesses, which mutmut's in-process map of tests to functions
+#   never sees: a mutant only they can kill (DDP wrapping and its no_sync, the world factor of the global
+#   batch) would stay a survivor. The mutant is switched on in every rank through MUTANT_UNDER_TEST.
+# * train/'s behaviour tests each build a tiny run (1-3 s), so the time budget, which takes the fastest
+#   tests first, leaves them out for functions that a hundred quick tests also reach (Trainer.fit, the step).
+RECHECKS: dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    "train": [
+        (
+            ("sopvit.train.*",),
+            (
+                "tests/train/test_step_accumulation.py",
+                "tests/train/test_trainer_behaviour.py",
+                "tests/train/test_step_behaviour.py",
+                "tests/train/test_monitor_behaviour.py",
+                "tests/train/test_inputs_behaviour.py",
+                "tests/train/test_checkpoint_behaviour.py",
+            ),
+        ),
+        (
+            ("sopvit.train.trainer.xǁTrainerǁ__init____mutmut_*", "sopvit.train.step.x_train_step__mutmut_*"),
+            ("tests/train/test_distributed_train.py::test_two_ranks_match_one_process",),
+        ),
+    ],
 }
 TRANSPARENT_DECORATORS = frozenset({"torch.no_grad()", "torch.inference_mode()"})
 DETECTED = ("killed", "timeout", "segfault", "caught by type check")
@@ -345,31 +360,43 @@ def report(packages: dict[str, tuple[str, ...]], elapsed: float | None) -> int:
     return 0
 
 
-def multiprocess_pass(packages: dict[str, tuple[str, ...]]) -> None:
-    """Run ``MULTIPROCESS_CHECKS``' tests on the surviving mutants of their functions; record the killed."""
+def recheck_pass(packages: dict[str, tuple[str, ...]], jobs: int) -> None:
+    """Run ``RECHECKS``' tests on the surviving mutants of their functions; record the killed."""
     import subprocess
+    from concurrent.futures import ThreadPoolExecutor
 
     equivalent = load_equivalent()
-    for package, (functions, tests) in MULTIPROCESS_CHECKS.items():
+    for package, checks in RECHECKS.items():
         if package not in packages:
             continue
-        for name, (source, status) in load_results().items():
-            if status != "survived" or name in equivalent:
-                continue
-            if not any(fnmatch.fnmatchcase(name, f) for f in functions):
-                continue
-            env = {**os.environ, "MUTANT_UNDER_TEST": name, "PYTHONPATH": "src"}
-            cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
-            done = subprocess.run(cmd, cwd=ROOT / "mutants", env=env, capture_output=True, text=True)
-            if done.returncode == 0:
-                continue
-            if done.returncode != 1:  # 1: a test failed; anything else is a broken run, not a kill
-                raise RuntimeError(f"{name}: the multi-process tests could not run:\n{done.stdout[-2000:]}")
-            meta = ROOT / "mutants" / f"{source}.meta"
-            data = json.loads(meta.read_text())
-            data["exit_code_by_key"][name] = 1
-            meta.write_text(json.dumps(data, indent=4))
-            print(f"killed by the multi-process tests: {name}")
+        for functions, tests in checks:
+            results = load_results()
+            names = [
+                name
+                for name, (_, status) in results.items()
+                if status == "survived"
+                and name not in equivalent
+                and any(fnmatch.fnmatchcase(name, f) for f in functions)
+            ]
+
+            def run(name: str, tests: tuple[str, ...] = tests) -> tuple[str, int, str]:
+                env = {**os.environ, "MUTANT_UNDER_TEST": name, "PYTHONPATH": "src"}
+                cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+                done = subprocess.run(cmd, cwd=ROOT / "mutants", env=env, capture_output=True, text=True)
+                return name, done.returncode, done.stdout[-2000:]
+
+            with ThreadPoolExecutor(jobs) as pool:
+                outcomes = list(pool.map(run, names))
+            for name, code, out in outcomes:
+                if code == 0:
+                    continue
+                if code != 1:  # 1: a test failed; anything else is a broken run, not a kill
+                    raise RuntimeError(f"{name}: the recheck tests could not run:\n{out}")
+                meta = ROOT / "mutants" / f"{results[name][0]}.meta"
+                data = json.loads(meta.read_text())
+                data["exit_code_by_key"][name] = 1
+                meta.write_text(json.dumps(data, indent=4))
+                print(f"killed on recheck ({', '.join(tests)}): {name}")
 
 
 def main() -> int:
@@ -386,10 +413,18 @@ def main() -> int:
     )
     parser.add_argument("--keep", action="store_true", help="reuse mutants/ (default: generate afresh)")
     parser.add_argument("--report-only", action="store_true", help="summarise the last run, run nothing")
+    parser.add_argument(
+        "--recheck-only", action="store_true", help="only the second pass (RECHECKS) over the last run"
+    )
     args = parser.parse_args()
     os.chdir(ROOT)
     packages = {p: PACKAGES[p] for p in args.package} if args.package else PACKAGES
     if args.report_only:
+        return report(packages, None)
+    if args.recheck_only:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
+        recheck_pass(packages, args.jobs)
         return report(packages, None)
     if not args.keep:
         shutil.rmtree(ROOT / "mutants", ignore_errors=True)
@@ -409,7 +444,7 @@ def main() -> int:
     except SystemExit as err:
         if err.code:
             return int(err.code) if isinstance(err.code, int) else 1
-    multiprocess_pass(packages)
+    recheck_pass(packages, args.jobs)
     return report(packages, time.monotonic() - start)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,7 @@ def test_a_row_holds_the_metrics_the_schedule_and_the_rate_only(tmp_path: Path) 
     row = monitor.update(2, _metrics(1.5), {"lr": 0.5})
     assert set(row) == {"loss", "loss_cls", "skipped_steps", "lr", "images_per_s"}
     postfix = monitor.bar.postfix
-    assert "loss=1.5000" in postfix and "lr=5.00e-01" in postfix and "img_s=" in postfix
+    assert "loss=1.5000" in postfix and "lr=5.00e-01" in postfix and re.search(r"img_s=\d+", postfix)
     assert monitor.bar.unit == "step"
     monitor.close()
 
@@ -111,4 +112,13 @@ def test_messages_do_not_break_the_progress_bar(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(monitor.bar, "write", written.append)
     monitor.message("hello")
     assert written == ["hello"]
+    monitor.close()
+
+
+def test_an_interval_of_skipped_steps_only_still_updates_the_bar(tmp_path: Path) -> None:
+    monitor = Monitor(tmp_path, 2, 0, 1, 2, True, tensorboard=False, progress=True)
+    monitor.update(1, {"skipped": torch.ones(())}, {"lr": 0.5})
+    row = monitor.update(2, {"skipped": torch.ones(())}, {"lr": 0.5})
+    assert "loss" not in row and row["skipped_steps"] == 2.0
+    assert "loss=nan" in monitor.bar.postfix
     monitor.close()

@@ -70,3 +70,14 @@ def test_a_non_positive_norm_switches_clipping_off(max_norm: float) -> None:
     p.grad = torch.tensor([3.0, 4.0])
     clip_per_parameter([p], max_norm)
     assert p.grad.tolist() == [3.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    "module", [nn.LayerNorm(4), nn.Linear(4, 4, bias=False)], ids=["1-D only", "2-D only"]
+)
+def test_both_groups_exist_even_when_one_is_empty(module: nn.Module) -> None:
+    # The group order is part of a saved optimizer state: an empty group keeps its place.
+    groups = param_groups(module)
+    assert [g["apply_wd"] for g in groups] == [True, False]
+    assert sum(len(g["params"]) for g in groups) == len(list(module.parameters()))
+    build_optimizer(module, torch.device("cpu")).step()
