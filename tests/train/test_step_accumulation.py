@@ -75,8 +75,19 @@ def test_accumulation_applies_the_mean_gradient_and_reports_the_mean_metrics(tmp
     first, second = _batches(trainer, 2)
     states = _generator_states(trainer)
     grads = _grads_at_update(trainer)
+    returned: list[dict[str, torch.Tensor]] = []
+    compute = trainer.objective.compute_loss
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        loss, values = compute(*args, **kwargs)
+        returned.append(values)
+        return loss, values
+
+    trainer.objective.compute_loss = spy  # type: ignore[method-assign]
     metrics = train_step(trainer.ctx, [first, second], trainer.schedules.at(0), 0)
-    assert len(states) == 2
+    assert len(states) == 2 and len(returned) == 2
+    for key, value in metrics.items():  # the mean of what the objective reported for each micro-batch
+        torch.testing.assert_close(value, (returned[0][key] + returned[1][key]) / 2, msg=key)
 
     grads_1, metrics_1 = _step_alone(tmp_path / "first", first, states[0])
     grads_2, metrics_2 = _step_alone(tmp_path / "second", second, states[1])
