@@ -67,8 +67,9 @@ class IBOTObjective(DINOObjective):
     masks_student: bool = True
 
     def __init__(self, cfg: IBOTConfig | None = None) -> None:
-        super().__init__(cfg or IBOTConfig())
-        self.ibot: IBOTConfig = cfg or IBOTConfig()
+        cfg = cfg or IBOTConfig()
+        super().__init__(cfg)
+        self.ibot = cfg  # self.cfg, typed as the iBOT config
         self.patch_center: torch.Tensor
         self.register_buffer("patch_center", torch.zeros(1, self.ibot.out_dim))
 
