@@ -5,6 +5,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,23 +30,47 @@ def _reference(tmp_path: Path) -> dict:
     return load_checkpoint(tmp_path / "reference" / "checkpoint.pt")
 
 
+def _checkpoint_id(run_dir: Path) -> tuple[int, int] | None:
+    """Changes at every checkpoint write: each one is a new file renamed into place."""
+    try:
+        stat = (run_dir / "checkpoint.pt").stat()
+        return stat.st_ino, stat.st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def _run_until_killed(run_dir: Path, writes: int, jitter: float) -> bool:
+    """Run; SIGKILL it `jitter` s after its next `writes` checkpoints. False if it finished first.
+
+    Kills are tied to progress, not to wall time, so a fast machine cannot finish the run before the
+    first kill and a slow one cannot be killed before it has written anything.
+    """
+    proc = subprocess.Popen(_command(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    seen, last, deadline = 0, _checkpoint_id(run_dir), time.monotonic() + 300
+    while proc.poll() is None and seen < writes:
+        assert time.monotonic() < deadline, "the run wrote no checkpoint for 300 s"
+        now = _checkpoint_id(run_dir)
+        seen, last = seen + (now is not None and now != last), now
+        time.sleep(0.005)
+    if proc.poll() is None:
+        time.sleep(jitter)
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.returncode == -signal.SIGKILL:
+        return True
+    assert proc.returncode == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+    return False
+
+
 @pytest.mark.slow
 def test_random_sigkills_then_resume_equal_an_uninterrupted_run(tmp_path: Path) -> None:
     run_dir, rng, kills = tmp_path / "killed", random.Random(7), 0
-    while True:
-        proc = subprocess.Popen(_command(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-        try:
-            proc.wait(timeout=rng.uniform(2.5, 5.0) if kills < 4 else 300)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-            if (run_dir / "checkpoint.pt").exists():
-                load_checkpoint(run_dir / "checkpoint.pt")  # whatever moment the kill hit, it loads
-            continue
-        assert proc.returncode == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-        break
+    while kills < 4 and _run_until_killed(run_dir, writes=rng.randint(1, 2), jitter=rng.uniform(0.0, 0.05)):
+        kills += 1
+        load_checkpoint(run_dir / "checkpoint.pt")  # whatever moment the kill hit, it loads
     assert kills >= 1
+    done = subprocess.run(_command(run_dir), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
     _assert_same_run(_reference(tmp_path), load_checkpoint(run_dir / "checkpoint.pt"))
 
 
