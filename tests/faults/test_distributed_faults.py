@@ -50,7 +50,7 @@ def _kill_one_worker_after_first_checkpoint(agent: subprocess.Popen[bytes], run_
     while not (run_dir / "checkpoint.pt").exists():
         assert agent.poll() is None, "torchrun ended before the first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.2)
+        time.sleep(0.02)
     workers = _children(agent.pid)
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)
