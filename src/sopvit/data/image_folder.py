@@ -6,9 +6,9 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "scan_images"]
@@ -40,13 +40,17 @@ def scan_images(root: str | os.PathLike[str]) -> list[str]:
     return found
 
 
-def _decode(path: str, mode: str) -> Image.Image:
-    """Opens and fully decodes ``path``; raises on any defect, including truncation and bombs."""
+def _decode(path: str | BinaryIO, mode: str) -> Image.Image:
+    """Opens and fully decodes ``path`` (a file name or a binary file object), upright per its EXIF
+    orientation; raises on any defect, including truncation and bombs."""
     with warnings.catch_warnings():
         # PIL only warns between MAX_IMAGE_PIXELS and twice that; treat both as bombs.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             img.load()
+            # Camera JPEGs store pixels sensor-up and rely on the EXIF tag; the batched decoder
+            # (sopvit.data.decode) applies the same tag, so both paths see the same upright image.
+            ImageOps.exif_transpose(img, in_place=True)
             return img.convert(mode)
 
 
