@@ -36,6 +36,21 @@ def test_a_version_1_run_is_read_but_not_resumed(tmp_path: Path, capsys: pytest.
     assert "cannot resume exactly" in err and "format 1" in err
 
 
+@pytest.mark.parametrize("old", [True, False])
+def test_a_run_saved_with_the_retired_batched_augment_key_still_loads(tmp_path: Path, old: bool) -> None:
+    from sopvit.export.load import read_run
+    from sopvit.visualize.attention import load_run
+
+    run = tmp_path / "run"
+    assert main(["pretrain", *TINY, f"run.output_dir={run}", "train.max_steps=1"]) == 0
+    state = load_checkpoint(run / "checkpoint.pt")
+    data = {k: v for k, v in state["config"]["data"].items() if k != "augment_on"}
+    state["config"]["data"] = {**data, "batched_augment": old}
+    torch.save(state, run / "checkpoint.pt")
+    expected = "device" if old else "workers"
+    assert read_run(run)[1].data.augment_on == load_run(run).config.data.augment_on == expected
+
+
 @pytest.mark.parametrize("content", [b"", b"garbage", b"PK\x03\x04truncated zip"])
 def test_damaged_files_are_refused(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "checkpoint.pt").write_bytes(content)

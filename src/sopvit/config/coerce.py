@@ -171,9 +171,15 @@ def dataclass_arm(tp: Any) -> type | None:
     return found[0] if len(found) == 1 else None
 
 
-def unknown_key(key: str, name: str, valid: Iterable[str]) -> ConfigError:
-    """The error for ``key`` (ending in ``name``), suggesting the closest sibling or listing them all."""
+def unknown_key(key: str, name: str, valid: Iterable[str], cls: type | None = None) -> ConfigError:
+    """The error for ``key`` (ending in ``name``), suggesting the closest sibling or listing them all.
+
+    A section class may list its retired keys in a ``RENAMED`` mapping (old name -> what to write now).
+    """
     parent, valid = key[: len(key) - len(name)], list(valid)
+    renamed: dict[str, str] = getattr(cls, "RENAMED", {})
+    if name in renamed:
+        return ConfigError(f"'{key}' was retired: {renamed[name]}")
     close = difflib.get_close_matches(name, valid, n=1)
     hint = f"did you mean '{parent}{close[0]}'?" if close else "valid keys: " + ", ".join(valid)
     return ConfigError(f"unknown key '{key}' ({hint})")
@@ -207,7 +213,7 @@ def merge(cls: type, base: Any, values: Mapping[Any, Any], prefix: str) -> Any:
         name = str(raw_name)
         key = join_key(prefix, name)
         if name not in hints:
-            raise unknown_key(key, name, hints)
+            raise unknown_key(key, name, hints, cls)
         current = getattr(base, name) if base is not None else _field_default(cls, name)
         sub = dataclass_arm(hints[name])
         if sub is not None and isinstance(value, Mapping):

@@ -140,7 +140,7 @@ def _override(cfg: Any, names: list[str], text: str, prefix: str) -> Any:
     name, *rest = names
     key = join_key(prefix, name)
     if name not in hints:
-        raise unknown_key(key, name, hints)
+        raise unknown_key(key, name, hints, cls)
     tp, current, sub = hints[name], getattr(cfg, name), dataclass_arm(hints[name])
     if not rest:
         try:

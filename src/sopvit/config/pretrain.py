@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from sopvit.baselines.config import DINOConfig, IBOTConfig
 from sopvit.config.coerce import check
@@ -11,6 +12,7 @@ from sopvit.data.transforms import MultiCropSpec
 from sopvit.sop.objective import SOPConfig
 
 DatasetName = Literal["folder", "imagenet", "fashion_mnist", "cifar10", "cifar100"]
+AugmentOn = Literal["workers", "device"]
 Method = Literal["sop", "ibot", "dino"]
 
 
@@ -35,6 +37,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    RENAMED: ClassVar[dict[str, str]] = {
+        "batched_augment": "write data.augment_on: device (was batched_augment: true) or workers (false)"
+    }
     dataset: DatasetName = "folder"
     path: str | None = None  # folder/imagenet: required; others: where to find or download them
     # The crop fields are MultiCropSpec's: their defaults and checks are defined there, once.
@@ -47,9 +52,10 @@ class DataConfig:
     blur_sigma: tuple[float, float] = MultiCropSpec.blur_sigma  # in pixels (small images: less)
     mask_ratio: tuple[float, float] = (0.3, 0.3)  # iBOT's mix: (0.1, 0.5) with mask_prob 0.5
     mask_prob: float = 1.0
-    batched_augment: bool = (
-        False  # augment whole batches of in-memory data as tensors (fast for small images)
-    )
+    # workers: DataLoader workers decode and augment each image (the reference path).
+    # device: workers only read (files: bytes); decoding, crops, photometric ops and masks run in batches
+    # on the training device (the CPU when it trains on the CPU).
+    augment_on: AugmentOn = "workers"
     num_workers: int = 8
     limit: int | None = None  # use only the first N images (smoke tests)
 
@@ -203,3 +209,15 @@ class PretrainConfig:
                 f"sop.{bank}_k",
                 f"low_cv anchor selection needs k >= 2 (or sop.{bank}_keep_fraction=1: nothing to select)",
             )
+
+
+def upgrade_saved(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict a checkpoint of an older sopvit saved, with retired keys replaced, so its runs still
+    export, evaluate and visualise (recipes and overrides with a retired key are refused instead)."""
+    out = dict(values)
+    data = out.get("data")
+    if isinstance(data, Mapping) and "batched_augment" in data:
+        data = dict(data)
+        data["augment_on"] = "device" if data.pop("batched_augment") else "workers"
+        out["data"] = data
+    return out

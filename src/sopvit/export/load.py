@@ -14,7 +14,7 @@ from torch import Tensor
 
 from sopvit.config import ConfigError, apply_overrides
 from sopvit.config.coerce import merge
-from sopvit.config.pretrain import PretrainConfig
+from sopvit.config.pretrain import PretrainConfig, upgrade_saved
 from sopvit.models import Backbone, Encoder, build_model, create_backbone
 from sopvit.safe_load import UnsafeFileError, load_torch
 from sopvit.train.checkpoint import LATEST, CheckpointError, load_checkpoint
@@ -52,7 +52,9 @@ def checkpoint_path(source: str | Path) -> Path:
 def config_from_dict(values: Mapping[str, Any], where: Path) -> PretrainConfig:
     """Rebuild the typed config that a checkpoint stores as a plain dict (``config_to_dict``)."""
     try:
-        return cast(PretrainConfig, apply_overrides(merge(PretrainConfig, None, values, ""), []))
+        return cast(
+            PretrainConfig, apply_overrides(merge(PretrainConfig, None, upgrade_saved(values), ""), [])
+        )
     except ConfigError as err:
         raise ValueError(f"{where}: the saved training config is invalid for this sopvit ({err})") from err
 

@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 from sopvit.config.coerce import merge
 from sopvit.config.loader import validate_config
-from sopvit.config.pretrain import PretrainConfig
+from sopvit.config.pretrain import PretrainConfig, upgrade_saved
 from sopvit.data.transforms import EvalTransform, to_uint8_chw
 from sopvit.models import Backbone, build_model
 from sopvit.train.checkpoint import LATEST, load_checkpoint
@@ -44,7 +44,7 @@ def load_run(run_dir_or_checkpoint: str | Path) -> Run:
     state = load_checkpoint(checkpoint)
     if not isinstance(state.get("config"), dict):
         raise ValueError(f"checkpoint {checkpoint} holds no 'config' mapping; was it written by sopvit?")
-    config = merge(PretrainConfig, None, state["config"], "")
+    config = merge(PretrainConfig, None, upgrade_saved(state["config"]), "")
     validate_config(config)
     return Run(checkpoint, config, state)
 
