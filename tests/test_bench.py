@@ -19,7 +19,7 @@ def test_bench_smoke(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # t
         "SOP overhead",
         "SOP objective alone",
         "model GFLOPs/step",
-        "input pipeline",
+        "input (augment_on=workers)",
     ):
         assert row in printed
     result = json.loads(out.read_text())
@@ -42,8 +42,40 @@ def test_bench_synthesises_jpegs_for_folder_recipes(tmp_path, capsys: pytest.Cap
         *TINY,
         "data.dataset=folder",
         "data.in_chans=3",
-        "data.batched_augment=false",
+        "data.augment_on=workers",
         "data.num_workers=0",
     ]
     assert main(args) == 0
-    assert "input pipeline" in capsys.readouterr().out
+    assert "input (augment_on=workers)" in capsys.readouterr().out
+
+
+def test_bench_reports_the_device_path_and_whether_the_step_would_wait_for_it() -> None:
+    from sopvit.bench import format_table
+
+    row = {
+        "device": "cpu",
+        "torch": "2",
+        "method": "sop",
+        "arch": "vit_test",
+        "batch": 8,
+        "crops": "2x16 + 2x8",
+        "precision": "fp32",
+        "compile": False,
+        "method_ms_per_step": 10.0,
+        "method_images_per_s": 800.0,
+        "base_ms_per_step": 9.0,
+        "base_images_per_s": 880.0,
+        "method_overhead": 0.1,
+        "objective_ms": 1.0,
+        "objective_share": 0.1,
+        "model_gflops_per_step": 1.0,
+        "mfu": None,
+        "peak_memory_gib": None,
+        "host_peak_rss_gib": 1.0,
+        "input_path": "device",
+        "input_images_per_s": 500.0,
+        "input_cpu_ms_per_image": 1.5,
+    }
+    table = format_table(row)
+    assert "input (augment_on=device)  500 img/s, 1.50 CPU core-ms/img  input-bound" in table
+    assert "input-bound" not in format_table({**row, "input_images_per_s": 900.0})

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sopvit.config.pretrain import PretrainConfig
-from sopvit.device import autocast_dtype, resolve_device
+from sopvit.device import autocast_dtype, resolve_device, synchronize
 from sopvit.methods.interface import StudentOutputs, TeacherOutputs, TokenPlan
 from sopvit.methods.registry import build_objective
 from sopvit.models import build_model
@@ -180,8 +180,19 @@ def synthetic_jpegs(folder: Path, n: int, size: tuple[int, int] = (500, 375)) ->
     return folder
 
 
-def time_inputs(cfg: PretrainConfig, batches: int, scratch: Path) -> dict[str, float]:
-    """Images/s of the input pipeline alone (decode + multi-crop + masks) with the configured workers."""
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its exited, reaped children (DataLoader workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def time_inputs(cfg: PretrainConfig, batches: int, scratch: Path) -> dict[str, Any]:
+    """The input pipeline alone (read, decode, multi-crop, masks) on the step's device, as configured.
+
+    ``input_images_per_s``: over ``batches`` batches after 2 warm-up ones (worker start-up is not
+    throughput). ``input_cpu_ms_per_image``: CPU time of the whole pass (workers included, start-up too,
+    so slightly pessimistic) per image: what the host spends per image, whatever the device.
+    """
     device = resolve_device(cfg.train.device)
     data = cfg.data
     if data.dataset in ("folder", "imagenet") and data.path == str(scratch / "jpegs"):
@@ -189,11 +200,20 @@ def time_inputs(cfg: PretrainConfig, batches: int, scratch: Path) -> dict[str, f
         data = replace(data, dataset="folder")
     patch = build_model(cfg).student.backbone.patch_size
     inputs = PretrainInputs(data, patch, cfg.train.batch_size, 1, 0, cfg.train.seed)
+    cpu_start = _cpu_seconds()
     stream = inputs.batches(0, batches + 2, device)
-    list(islice(stream, 2))  # worker start-up is not throughput
+    list(islice(stream, 2))
+    synchronize(device)
     start = time.perf_counter()
-    n = sum(b.crops[0].shape[0] for b in islice(stream, batches))
-    return {"input_images_per_s": n / (time.perf_counter() - start)}
+    n = sum(b.crops[0].shape[0] for b in stream)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    cpu = _cpu_seconds() - cpu_start  # the stream is exhausted: its workers have exited
+    return {
+        "input_path": data.augment_on,
+        "input_images_per_s": n / seconds,
+        "input_cpu_ms_per_image": 1000 * cpu / ((batches + 2) * cfg.train.batch_size),
+    }
 
 
 def device_name(device: torch.device) -> str:
@@ -261,7 +281,14 @@ def format_table(r: dict[str, Any]) -> str:
         ("host peak RSS", f"{r['host_peak_rss_gib']:.2f} GiB"),
     ]
     if "input_images_per_s" in r:
-        rows.append(("input pipeline", f"{r['input_images_per_s']:.0f} img/s"))
+        bound = "  input-bound" if r["input_images_per_s"] < r["method_images_per_s"] else ""
+        rows.append(
+            (
+                f"input (augment_on={r.get('input_path', 'workers')})",
+                f"{r['input_images_per_s']:.0f} img/s, "
+                f"{r.get('input_cpu_ms_per_image', float('nan')):.2f} CPU core-ms/img{bound}",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -44,3 +44,9 @@ def autocast(device: torch.device, precision: str = "auto") -> AbstractContextMa
     """The autocast context for ``precision`` on ``device`` (a no-op for float32)."""
     dtype = autocast_dtype(precision, device)
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (a no-op on the CPU, whose ops run synchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

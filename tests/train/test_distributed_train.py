@@ -12,13 +12,12 @@ import torch
 from sopvit.train.checkpoint import load_checkpoint
 from tests.train.tiny import TINY
 
-# Per-sample augmentation and masks are seeded by (seed, step, image) and anchors by a generator every rank
+# Augmentation and masks are seeded by (seed, epoch, image) on both paths, anchors by a generator every rank
 # shares, so ranks see exactly the single-process crops, masks (random ratios, unmasked images) and anchors.
 # Drop path (each rank's own torch stream) and KoLeo (nearest neighbour within the rank's batch) are per
 # rank by design, as in DINO/DINOv2: they are on only in the resume test below.
 COMMON = [
     *TINY,
-    "data.batched_augment=false",
     "train.max_steps=3",
     "run.log_every=1",
     "data.mask_prob=0.5",
@@ -50,9 +49,10 @@ def _run(run_dir: Path, nproc: int, batch: int, *extra: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_process(tmp_path: Path) -> None:
-    _run(tmp_path / "one", 1, 16)
-    _run(tmp_path / "two", 2, 8)
+@pytest.mark.parametrize("augment_on", ["workers", "device"])
+def test_two_ranks_match_one_process(tmp_path: Path, augment_on: str) -> None:
+    _run(tmp_path / "one", 1, 16, f"data.augment_on={augment_on}")
+    _run(tmp_path / "two", 2, 8, f"data.augment_on={augment_on}")
     one, two = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("one", "two"))
     for key in ("cls_bank.embeddings", "patch_bank.embeddings"):
         torch.testing.assert_close(two["objective"][key], one["objective"][key], atol=2e-5, rtol=1e-4)

@@ -49,11 +49,11 @@ ALL_RANDOM = (
 
 
 @pytest.mark.parametrize("random", [False, True], ids=["plain", "all-random"])
-@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per-sample"])
+@pytest.mark.parametrize("augment_on", ["device", "workers"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(
-    tmp_path: Path, batched: bool, random: bool
+    tmp_path: Path, augment_on: str, random: bool
 ) -> None:
-    flags = [f"data.batched_augment={str(batched).lower()}", *(ALL_RANDOM if random else ())]
+    flags = [f"data.augment_on={augment_on}", *(ALL_RANDOM if random else ())]
     Trainer(tiny_config(tmp_path / "straight", *flags, "train.max_steps=7")).fit()
     Trainer(tiny_config(tmp_path / "resumed", *flags, "train.max_steps=4")).fit()
     resumed = Trainer(tiny_config(tmp_path / "resumed", *flags, "train.max_steps=7"))
@@ -123,7 +123,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path: Path) 
 
 def test_nan_batch_is_skipped_when_asked_and_never_reaches_memory(tmp_path: Path) -> None:
     trainer = Trainer(
-        tiny_config(tmp_path, "train.max_steps=4", "train.on_nan=skip", "data.batched_augment=true")
+        tiny_config(tmp_path, "train.max_steps=4", "train.on_nan=skip", "data.augment_on=device")
     )
     poison(trainer, 1)
     trainer.fit()
@@ -233,7 +233,7 @@ def test_corrupt_images_in_a_folder_are_skipped_and_counted(tmp_path: Path) -> N
         f"data.path={tmp_path / 'images'}",
         "data.limit=null",
         "train.max_steps=2",
-        "data.batched_augment=false",
+        "data.augment_on=workers",
     )
     with pytest.warns(UserWarning, match=r"\d+ unreadable image file\(s\) were skipped"):
         Trainer(cfg).fit()

@@ -6,6 +6,7 @@ import torch
 
 from sopvit.config.pretrain import DataConfig
 from sopvit.data import BatchMultiCrop, MultiCropSpec
+from sopvit.data.counter_rng import image_keys, uniforms
 from sopvit.data.seeding import mix_seed
 from sopvit.train.inputs import PretrainInputs, StepPlan, _collate, _PlanSampler, _SeededSamples
 
@@ -25,7 +26,7 @@ FMNIST = DataConfig(
 
 
 def _inputs(batched: bool, seed: int = 3) -> PretrainInputs:
-    cfg = DataConfig(**{**FMNIST.__dict__, "batched_augment": batched})
+    cfg = DataConfig(**{**FMNIST.__dict__, "augment_on": "device" if batched else "workers"})
     return PretrainInputs(cfg, patch_size=4, batch_size=8, world=1, rank=0, seed=seed)
 
 
@@ -44,16 +45,19 @@ def test_the_config_reaches_the_crops_and_the_masks() -> None:
     assert len(inputs.dataset) == 64  # type: ignore[arg-type]
 
 
-def test_batched_micro_batch_is_seeded_by_seed_step_and_rank() -> None:
+def test_device_path_augments_each_image_by_seed_epoch_and_image() -> None:
     inputs = _inputs(batched=True)
-    batch = next(inputs.batches(2, 3, torch.device("cpu")))
-    idx = inputs.plan.indices(2)
-    gen = torch.Generator().manual_seed(mix_seed(3, 2, 0))
+    m = inputs.plan.steps_per_epoch + 2  # second epoch
+    batch = next(inputs.batches(m, m + 1, torch.device("cpu")))
+    idx = inputs.plan.indices(m)
+    keys = image_keys(3, 1, idx)
     images = inputs.dataset.images[idx]  # type: ignore[attr-defined]
-    crops = BatchMultiCrop(inputs.spec)(images, gen)
-    masks = inputs.masks.sample(16, gen)
+    crops = BatchMultiCrop(inputs.spec)(images, keys)
     assert all(torch.equal(a, b) for a, b in zip(batch.crops, crops))
-    assert torch.equal(batch.masks, masks) and torch.equal(batch.ids, idx) and batch.skipped == 0
+    count = inputs.masks.uniforms_per_mask
+    first, second = (inputs.masks.from_uniforms(uniforms(keys, (1 << 20) + v, count)) for v in (0, 1))
+    assert torch.equal(batch.masks, torch.cat([first, second]))
+    assert torch.equal(batch.ids, idx) and batch.skipped == 0 and batch.cpu_decoded == 0
 
 
 def test_per_sample_masks_are_seeded_by_seed_epoch_and_image() -> None:

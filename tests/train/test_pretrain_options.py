@@ -52,7 +52,7 @@ CHANGES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
     ("data.blur_sigma", ("data.blur_sigma=[1.5,2.0]",), ()),
     ("data.mask_ratio", ("data.mask_ratio=[0.1,0.5]",), ()),
     ("data.mask_prob", ("data.mask_prob=0.5",), ()),
-    ("data.batched_augment", ("data.batched_augment=true",), ()),
+    ("data.augment_on", ("data.augment_on=device",), ()),
     ("data.limit", ("data.limit=96",), ()),
     ("sop.dim", ("sop.dim=16", "model.head_bottleneck_dim=16"), ()),
     ("sop.cls_bank_size", ("sop.cls_bank_size=48",), ()),

@@ -1,60 +1,68 @@
-"""Vectorised multi-crop augmentation of whole uint8 batches (CPU or GPU), for in-memory datasets.
+"""iBOT multi-crop of whole batches on the training device (``data.augment_on: device``).
 
-The per-sample path (``MultiCropTransform`` in DataLoader workers) costs milliseconds per image;
-for 28-32 px data sets that dominates a small ViT's step time. Here every random parameter is
-drawn per sample as a tensor and applied with batched ops, so one call processes the batch.
-Differences from the per-sample path: colour-jitter operations run in a fixed order
-(brightness, contrast, saturation, hue) instead of a random one, hue is a YIQ rotation instead of
-an HSV shift, and crops are resampled bilinearly by ``roi_align`` (area-averaged when shrinking)
-instead of bicubically.
+The per-sample path (``MultiCropTransform`` in DataLoader workers) costs milliseconds of CPU per image.
+Here the random parameters of the whole batch are drawn at once (``crop_params``: torchvision's
+distributions, keyed by (seed, epoch, image)) and the pixels are processed with batched ops on the
+images' device. Deliberate differences from the per-sample path, none in the random parameters:
+crops are resampled bilinearly by ``roi_align`` (area-averaged when shrinking: ``sampling_ratio`` 0
+adapts the samples per output pixel to each crop) instead of bicubically, and the crops stay float
+(the per-sample path rounds to uint8 after the resize and after each photometric op).
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from sopvit.data.transforms import MultiCropSpec, blur_kernel_size
+from sopvit.data.crop_params import CropParams, sample_crop_params
+from sopvit.data.photometric import apply_photometric, gray
+from sopvit.data.transforms import MultiCropSpec
 
 __all__ = ["BatchMultiCrop"]
 
-# RGB -> YIQ; hue rotation is a rotation of the (I, Q) chroma plane.
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
-# Above this crop size the O(size^3) banded-matmul blur loses to a depthwise convolution.
-_MATMUL_BLUR_MAX_SIZE = 64
+
+def _to_float(image: Tensor, in_chans: int) -> Tensor:
+    """uint8 or float ``(..., C, H, W)`` -> float in [0, 1]; RGB becomes gray for 1-channel output.
+
+    Gray input for RGB output stays 1-channel until the end: saturation, hue and grayscale leave a gray
+    image unchanged, so 3 channels would triple the work for nothing.
+    """
+    if image.dtype == torch.uint8:
+        x = image.float().div_(255.0)
+    elif image.is_floating_point():
+        x = image.float()
+    else:
+        raise TypeError(f"images must be uint8 or floating point, got {image.dtype}")
+    if x.shape[-3] not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(image.shape)}")
+    return gray(x) if in_chans == 1 and x.shape[-3] == 3 else x
 
 
-def _gray(x: Tensor) -> Tensor:
-    """``(B, C, H, W)`` -> ``(B, 1, H, W)`` luminance (identity for C == 1)."""
-    if x.shape[1] == 1:
-        return x
-    r, g, b = x.unbind(1)
-    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b).unsqueeze(1)
+def _rois(params: Sequence[CropParams]) -> Tensor:
+    """roi_align boxes ``(len(params) * n, 5)``: (batch index, x1, y1, x2, y2), crop-major."""
+    rows = []
+    for p in params:
+        top, left, h, w = p.boxes.to(torch.float32).unbind(1)
+        index = torch.arange(len(top), dtype=torch.float32)
+        rows.append(torch.stack([index, left, top, left + w, top + h], dim=1))
+    return torch.cat(rows) if rows else torch.empty(0, 5)
 
 
-def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
-    return (factor[:, None, None, None] * (x - other) + other).clamp_(0.0, 1.0)
+def _cat(params: Sequence[CropParams]) -> CropParams:
+    fields = CropParams.__dataclass_fields__
+    return CropParams(**{f: torch.cat([getattr(p, f) for p in params]) for f in fields})
 
 
 class BatchMultiCrop:
-    """Batched iBOT multi-crop: ``__call__(images, generator) -> [global1, global2, locals...]``.
+    """Batched iBOT multi-crop: ``__call__(images, keys) -> [global1, global2, locals...]``.
 
-    Args:
-        spec: the same ``MultiCropSpec`` as the per-sample path.
-        sampling_ratio: ``roi_align`` samples per output bin and axis; 0 (default) adapts it to
-            ``ceil(crop side / output side)`` per crop, i.e. area-averages (anti-aliases) crops that
-            are shrunk and samples once per pixel for crops that are enlarged.
-
-    ``images``: uint8 ``(B, C, H, W)`` or float ``(B, C, H, W)`` in [0, 1], C in {1, 3}, on any
-    device. Output: float32 ``(B, in_chans, s, s)`` per crop (``s`` = global then local size),
-    normalised, on the images' device. Random parameters are drawn with ``generator`` on its
-    device (so a seeded CPU generator gives the same crops for CPU and GPU batches), or from
-    torch's global RNG on the images' device when it is None (no host-to-device copies).
+    ``images``: uint8 (or float in [0, 1]) ``(B, C, H, W)``, or a sequence of ``(C, H_i, W_i)`` of
+    different sizes, C in {1, 3}, all on one device; ``keys``: int64 ``(B,)`` per-image keys
+    (``counter_rng.image_keys``). Output: float32 ``(B, in_chans, s, s)`` per crop (``s`` = global then
+    local size), normalised, on the images' device. Image ``i``'s crops depend only on ``keys[i]``.
     """
 
     def __init__(self, spec: MultiCropSpec, sampling_ratio: int = 0) -> None:
@@ -62,186 +70,61 @@ class BatchMultiCrop:
             raise ValueError(f"sampling_ratio must be >= 0, got {sampling_ratio}")
         self.spec = spec
         self.sampling_ratio = sampling_ratio
-        mean, std = spec.stats
-        self._mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self._std = torch.tensor(std).view(1, -1, 1, 1)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec})"
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
-        x = self._to_float(images)
-        spec = self.spec
-        blur_g1, blur_g2, blur_local = spec.blur_probs
-        plan = [(spec.global_size, spec.global_scale, blur_g1, 0.0)]
-        plan.append((spec.global_size, spec.global_scale, blur_g2, spec.solarize_prob))
-        plan += [(spec.local_size, spec.local_scale, blur_local, 0.0)] * spec.n_locals
-        return [self._crop(x, size, scale, blur, sol, generator) for size, scale, blur, sol in plan]
+    def params(self, images: Tensor | Sequence[Tensor], keys: Tensor) -> list[CropParams]:
+        """The random parameters of every crop (on the CPU), as ``__call__`` would draw them."""
+        sizes = self._sizes(images, keys)
+        return sample_crop_params(self.spec, keys, sizes[:, 0], sizes[:, 1])
 
-    def _to_float(self, images: Tensor) -> Tensor:
-        if not isinstance(images, Tensor):
-            raise TypeError(f"images must be a tensor, got {type(images).__name__}")
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"images must have shape (B, C, H, W) with C in 1, 3, got {tuple(images.shape)}")
-        if images.dtype == torch.uint8:
-            x = images.float().div_(255.0)
-        elif images.is_floating_point():
-            x = images.float()
+    def __call__(self, images: Tensor | Sequence[Tensor], keys: Tensor) -> list[Tensor]:
+        spec = self.spec
+        params = self.params(images, keys)
+        n = len(keys)
+        if isinstance(images, Tensor):
+            x = _to_float(images, spec.in_chans)
+            globals_ = self._resample(x, _rois(params[:2]).to(x.device), spec.global_size)
+            locals_ = self._resample(x, _rois(params[2:]).to(x.device), spec.local_size)
         else:
-            raise TypeError(f"images must be uint8 or floating point, got {images.dtype}")
-        # Single-channel work is 3x cheaper and saturation/hue/grayscale are no-ops on gray
-        # images, so RGB expansion of grayscale input is deferred to the very end.
-        if self.spec.in_chans == 1 and x.shape[1] == 3:
-            x = _gray(x)
-        return x
+            globals_, locals_ = self._per_image(images, params)
+        out = [apply_photometric(globals_[c * n : (c + 1) * n], params[c], spec) for c in range(2)]
+        if spec.n_locals:
+            out += apply_photometric(locals_, _cat(params[2:]), spec).split(n)
+        return out
 
-    def _rand(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-        rng_device = generator.device if generator is not None else device
-        return torch.rand(n, generator=generator, device=rng_device).to(device)
-
-    def _boxes(
-        self,
-        n: int,
-        height: int,
-        width: int,
-        scale: tuple[float, float],
-        generator: torch.Generator | None,
-        device: torch.device,
-    ) -> Tensor:
-        """RandomResizedCrop boxes ``(n, 5)`` = (batch index, x1, y1, x2, y2) in pixel units."""
-        tries = 10
-        device = device if generator is None else generator.device
-        u = torch.rand(n, tries, 4, generator=generator, device=device, dtype=torch.float64)
-        area = height * width * (scale[0] + u[..., 0] * (scale[1] - scale[0]))
-        log_r = math.log(3 / 4) + u[..., 1] * (math.log(4 / 3) - math.log(3 / 4))
-        w = torch.sqrt(area * torch.exp(log_r))
-        h = torch.sqrt(area / torch.exp(log_r))
-        valid = (w <= width) & (h <= height)
-        # First valid try per sample, as torchvision does; samples with none use the whole image.
-        first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)
-        any_valid = valid.any(dim=1)
-
-        def pick(t: Tensor) -> Tensor:
-            return t.gather(1, first).squeeze(1)
-
-        w = torch.where(any_valid, pick(w), float(width))
-        h = torch.where(any_valid, pick(h), float(height))
-        x1 = pick(u[..., 2]) * (width - w)
-        y1 = pick(u[..., 3]) * (height - h)
-        idx = torch.arange(n, dtype=torch.float64, device=device)
-        return torch.stack([idx, x1, y1, x1 + w, y1 + h], dim=1)
-
-    def _crop(
-        self,
-        x: Tensor,
-        size: int,
-        scale: tuple[float, float],
-        blur_p: float,
-        solarize_p: float,
-        generator: torch.Generator | None,
-    ) -> Tensor:
-        spec = self.spec
-        n, _, height, width = x.shape
-        dev = x.device
-        boxes = self._boxes(n, height, width, scale, generator, dev).to(device=dev, dtype=x.dtype)
-        out = roi_align(x, boxes, (size, size), 1.0, self.sampling_ratio, aligned=True)
-        flip = self._rand(n, generator, dev) < spec.flip_prob
-        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
-        out = self._jitter(out, generator)
-        if blur_p > 0:
-            out = self._blur(out, blur_p, generator)
-        if solarize_p > 0:
-            sol = (self._rand(n, generator, dev) < solarize_p)[:, None, None, None]
-            out = torch.where(sol & (out >= 128 / 255), 1.0 - out, out)
-        if out.shape[1] != spec.in_chans:
-            out = out.expand(-1, spec.in_chans, -1, -1)
-        return (out - self._mean.to(dev)) / self._std.to(dev)
-
-    def _jitter(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
-        spec = self.spec
-        n, dev = x.shape[0], x.device
-        brightness, contrast, saturation, hue = spec.jitter
-        apply = (self._rand(n, generator, dev) < spec.jitter_prob).to(x.dtype)
-
-        def factor(strength: float) -> Tensor:
-            f = 1.0 + strength * (2.0 * self._rand(n, generator, dev) - 1.0)
-            return 1.0 + apply * (f - 1.0)
-
-        if brightness > 0:
-            x = (x * factor(brightness)[:, None, None, None]).clamp_(0.0, 1.0)
-        if contrast > 0:
-            mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-            x = _blend(x, mean, factor(contrast))
-        if x.shape[1] == 3:
-            if saturation > 0:
-                x = _blend(x, _gray(x), factor(saturation))
-            if hue > 0:
-                theta = apply * hue * (2.0 * self._rand(n, generator, dev) - 1.0) * 2.0 * math.pi
-                x = self._rotate_hue(x, theta)
-            if spec.grayscale_prob > 0:
-                gray = (self._rand(n, generator, dev) < spec.grayscale_prob)[:, None, None, None]
-                x = torch.where(gray, _gray(x).expand_as(x), x)
-        return x
-
-    @staticmethod
-    def _rotate_hue(x: Tensor, theta: Tensor) -> Tensor:
-        """Rotates chroma by ``theta`` radians per sample: ``(B, 3, H, W)``, ``(B,)``."""
-        to_yiq = _RGB_TO_YIQ.to(device=x.device, dtype=x.dtype)
-        cos, sin = torch.cos(theta), torch.sin(theta)
-        rot = torch.zeros(x.shape[0], 3, 3, device=x.device, dtype=x.dtype)
-        rot[:, 0, 0] = 1.0
-        rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-        matrix = torch.linalg.inv(to_yiq) @ rot @ to_yiq
-        return torch.einsum("bij,bjhw->bihw", matrix, x).clamp_(0.0, 1.0)
-
-    def _blur(self, x: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
-        """Gaussian blur with a per-sample sigma on the samples selected with probability ``p``."""
-        n, _, height, width = x.shape
-        dev = x.device
-        kernel = blur_kernel_size(self.spec.blur_sigma[1], min(height, width))
-        selected = self._rand(n, generator, dev) < p
-        lo, hi = self.spec.blur_sigma
-        sigma = lo + self._rand(n, generator, dev) * (hi - lo)
-        idx = selected.nonzero().squeeze(1)
-        if kernel <= 1 or idx.numel() == 0:
-            return x
-        half = kernel // 2
-        offsets = torch.arange(-half, half + 1, device=dev, dtype=x.dtype)
-        weights = torch.exp(-0.5 * (offsets[None, :] / sigma[idx, None]) ** 2)
-        weights = weights / weights.sum(dim=1, keepdim=True)
-        sub = x.index_select(0, idx)
-        if max(height, width) <= _MATMUL_BLUR_MAX_SIZE:
-            rows = _blur_matrix(weights, height)[:, None]
-            cols = _blur_matrix(weights, width)[:, None]
-            sub = rows @ sub @ cols.transpose(-1, -2)
+    def _sizes(self, images: Tensor | Sequence[Tensor], keys: Tensor) -> Tensor:
+        """int64 ``(B, 2)`` heights and widths, after checking the batch."""
+        if keys.dtype != torch.int64 or keys.ndim != 1:
+            raise ValueError(f"keys must be int64 of shape (B,), got {keys.dtype} {tuple(keys.shape)}")
+        if isinstance(images, Tensor):
+            if images.ndim != 4:
+                raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
+            sizes = torch.tensor([images.shape[-2:]], dtype=torch.int64).expand(images.shape[0], 2)
         else:
-            sub = _blur_conv(sub, weights)
-        return x.index_copy(0, idx, sub)
+            if any(not isinstance(im, Tensor) or im.ndim != 3 for im in images):
+                raise ValueError("images must be (C, H, W) tensors when given as a sequence")
+            sizes = torch.tensor([im.shape[-2:] for im in images], dtype=torch.int64).view(-1, 2)
+        if len(sizes) != len(keys):
+            raise ValueError(f"got {len(sizes)} images but {len(keys)} keys")
+        return sizes
 
+    def _resample(self, x: Tensor, rois: Tensor, size: int) -> Tensor:
+        return roi_align(x, rois, (size, size), 1.0, self.sampling_ratio, aligned=True)
 
-def _blur_matrix(weights: Tensor, size: int) -> Tensor:
-    """Per-sample 1-D blur as a ``(n, size, size)`` matrix with reflect padding folded in.
-
-    For small crops a batched matmul with this banded matrix beats a grouped convolution, whose
-    oneDNN primitive is rebuilt for every new group count (the number of blurred samples varies).
-    """
-    n, kernel = weights.shape
-    half = kernel // 2
-    taps = torch.arange(-half, half + 1, device=weights.device)
-    src = (torch.arange(size, device=weights.device)[:, None] + taps).abs()
-    src = torch.where(src >= size, 2 * (size - 1) - src, src)
-    matrix = torch.zeros(n, size, size, device=weights.device, dtype=weights.dtype)
-    return matrix.scatter_add_(2, src.expand(n, -1, -1), weights[:, None, :].expand(-1, size, -1))
-
-
-def _blur_conv(x: Tensor, weights: Tensor) -> Tensor:
-    """Separable depthwise blur of ``(n, C, H, W)`` with per-sample 1-D kernels ``(n, k)``."""
-    n, chans, height, width = x.shape
-    kernel = weights.shape[1]
-    half = kernel // 2
-    groups = n * chans
-    per_channel = weights.repeat_interleave(chans, dim=0)
-    out = F.pad(x.reshape(1, groups, height, width), (half, half, half, half), mode="reflect")
-    out = F.conv2d(out, per_channel.view(groups, 1, 1, kernel), groups=groups)
-    out = F.conv2d(out, per_channel.view(groups, 1, kernel, 1), groups=groups)
-    return out.view(n, chans, height, width)
+    def _per_image(self, images: Sequence[Tensor], params: list[CropParams]) -> tuple[Tensor, Tensor]:
+        """Images of different sizes: two roi_align calls per image, crops regrouped crop-major."""
+        spec, n = self.spec, len(images)
+        rois = [_rois(params[:2]), _rois(params[2:])]  # crop-major: image i's crops are rows i, i + n, ...
+        for r in rois:
+            r[:, 0] = 0  # each call crops one image
+        globals_, locals_ = [], []
+        for i, image in enumerate(images):
+            x = _to_float(image, spec.in_chans)
+            x = (x.expand(3, -1, -1) if x.shape[0] < spec.in_chans else x)[None]  # batch gray with RGB
+            globals_.append(self._resample(x, rois[0][i::n].to(x.device), spec.global_size))
+            locals_.append(self._resample(x, rois[1][i::n].to(x.device), spec.local_size))
+        # (image, crop) order -> (crop, image) order, as the tensor path produces
+        g = torch.stack(globals_, dim=1).flatten(0, 1)
+        return g, torch.stack(locals_, dim=1).flatten(0, 1) if spec.n_locals else g[:0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import warnings
@@ -33,6 +34,8 @@ from sopvit.train.monitor import Monitor
 from sopvit.train.optim import build_optimizer, set_schedule
 from sopvit.train.schedules import Schedules
 from sopvit.train.step import StepContext, train_step
+
+logger = logging.getLogger(__name__)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -242,12 +245,14 @@ class Trainer:
         )
         stream = self.inputs.batches(self.step * accum, self.stop_step * accum, self.device)
         last: dict[str, float] = {}
+        cpu_decoded = 0
         try:
             for step in range(self.step, self.stop_step):
                 values = self.schedules.at(step)
                 set_schedule(self.optimizer, values.lr, values.weight_decay)
                 batches = list(islice(stream, accum))
                 self.skipped_files += sum(b.skipped for b in batches)
+                cpu_decoded += sum(b.cpu_decoded for b in batches)
                 metrics = dist.all_reduce_mean_dict(train_step(self.ctx, batches, values, step))
                 self.step = step + 1
                 row = monitor.update(
@@ -266,7 +271,10 @@ class Trainer:
                 if cfg.run.knn_every and self.step % cfg.run.knn_every == 0:
                     monitor.write(self.step, self.online_knn())
         finally:
+            stream.close()  # stops a prefetching thread now, not whenever the generator is collected
             monitor.close()
+            if cpu_decoded:
+                logger.info("%d image file(s) were not JPEG and were decoded on the CPU", cpu_decoded)
             if self.skipped_files:
                 warnings.warn(
                     f"{self.skipped_files} unreadable image file(s) were skipped during training",
