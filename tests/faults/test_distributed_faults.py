@@ -28,7 +28,7 @@ def _torchrun(run_dir: Path, restarts: int) -> subprocess.Popen[bytes]:
         "sopvit",
         "pretrain",
         *TINY,
-        "data.batched_augment=false",
+        "data.augment_on=workers",
         "train.batch_size=8",
         "train.epochs=40",
         "train.max_steps=40",

@@ -156,7 +156,7 @@ def test_a_resumed_fit_runs_only_the_remaining_steps(tmp_path: Path, monkeypatch
 
 
 def test_a_non_finite_loss_names_the_step_it_happened_in(tmp_path: Path) -> None:
-    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=3", "data.batched_augment=true"))
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=3", "data.augment_on=device"))
     poison(trainer, 2)
     with pytest.raises(RuntimeError, match=r"^step 2: loss"):
         trainer.fit()
@@ -164,7 +164,7 @@ def test_a_non_finite_loss_names_the_step_it_happened_in(tmp_path: Path) -> None
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_skipped_files_add_up_over_steps_and_resumes(tmp_path: Path) -> None:
-    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=3", "data.batched_augment=true"))
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=3", "data.augment_on=device"))
 
     def lossy(m: int, batch: Any) -> None:
         batch.skipped = 2
