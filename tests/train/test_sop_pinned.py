@@ -29,7 +29,7 @@ def test_a_seeded_sop_run_reproduces_the_recorded_losses_weights_and_memories(tm
             "run.log_every=1",
             "model.drop_path_rate=0.1",
             "train.accum_steps=2",
-            "data.batched_augment=true",
+            "data.augment_on=device",
             "sop.koleo_weight=0.1",
         )
     )

@@ -83,6 +83,9 @@ class BatchMultiCrop:
         spec = self.spec
         params = self.params(images, keys)
         n = len(keys)
+        if n == 0:
+            device = images.device if isinstance(images, Tensor) else keys.device
+            return [torch.empty(0, spec.in_chans, s, s, device=device) for s in spec.crop_sizes()]
         if isinstance(images, Tensor):
             x = _to_float(images, spec.in_chans)
             globals_ = self._resample(x, _rois(params[:2]).to(x.device), spec.global_size)
@@ -121,8 +124,8 @@ class BatchMultiCrop:
             r[:, 0] = 0  # each call crops one image
         globals_, locals_ = [], []
         for i, image in enumerate(images):
-            x = _to_float(image, spec.in_chans)
-            x = (x.expand(3, -1, -1) if x.shape[0] < spec.in_chans else x)[None]  # batch gray with RGB
+            x = _to_float(image[None], spec.in_chans)
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] < spec.in_chans else x  # batch gray with RGB
             globals_.append(self._resample(x, rois[0][i::n].to(x.device), spec.global_size))
             locals_.append(self._resample(x, rois[1][i::n].to(x.device), spec.local_size))
         # (image, crop) order -> (crop, image) order, as the tensor path produces

@@ -20,9 +20,17 @@ __all__ = ["RRC_RATIO", "UNIFORMS_PER_CROP", "CropParams", "resized_crop_boxes",
 
 RRC_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range, as the per-sample path uses
 _TRIES = 10  # RandomResizedCrop's attempts before its central-crop fallback
-# Columns of one crop's uniforms: 4 per try (area, log-ratio, top, left), then the photometric draws.
-_FLIP, _JITTER, _ORDER, _FACTORS, _GRAY, _BLUR, _SIGMA, _SOLARIZE = range(4 * _TRIES, 4 * _TRIES + 8)
-UNIFORMS_PER_CROP = _SOLARIZE + 7  # _ORDER and _FACTORS take 4 columns each
+# Columns of one crop's uniforms: 4 per try (area, log-ratio, top, left), then the photometric draws,
+# each its own column(s) so that they are independent, as torchvision's separate draws are.
+_FLIP = 4 * _TRIES
+_JITTER = _FLIP + 1
+_ORDER = _JITTER + 1  # 4 columns
+_FACTORS = _ORDER + 4  # 4 columns
+_GRAY = _FACTORS + 4
+_BLUR = _GRAY + 1
+_SIGMA = _BLUR + 1
+_SOLARIZE = _SIGMA + 1
+UNIFORMS_PER_CROP = _SOLARIZE + 1
 
 
 @dataclass

@@ -23,8 +23,6 @@ __all__ = ["apply_photometric", "gray"]
 
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 _SOLARIZE_THRESHOLD = 128 / 255  # RandomSolarize(threshold=128) on uint8
-# Above this crop size the O(size^3) banded-matmul blur loses to a depthwise convolution.
-_MATMUL_BLUR_MAX_SIZE = 64
 
 
 def gray(x: Tensor) -> Tensor:
@@ -88,31 +86,22 @@ def _jitter(x: Tensor, p: CropParams, spec: MultiCropSpec) -> Tensor:
     return x
 
 
-def _blur_matrix(weights: Tensor, size: int) -> Tensor:
-    """Per-sample 1-D blur as a ``(n, size, size)`` matrix with reflect padding folded in.
+def _blur_axis(x: Tensor, weights: Tensor, dim: int) -> Tensor:
+    """1-D blur along ``dim`` (-1 or -2) with reflect padding; per-sample kernels ``weights`` ``(n, k)``.
 
-    For small crops a batched matmul with this banded matrix beats a grouped convolution, whose
-    oneDNN primitive is rebuilt for every new group count (the number of blurred samples varies).
+    A weighted sum of shifted copies, element by element: unlike a batched matmul or a grouped
+    convolution, whose kernels BLAS/oneDNN pick by batch size, an image's result cannot depend on which
+    other images share its batch (2 ranks must see exactly the halves of one process's batch).
     """
-    n, kernel = weights.shape
+    kernel = weights.shape[1]
     half = kernel // 2
-    taps = torch.arange(-half, half + 1, device=weights.device)
-    src = (torch.arange(size, device=weights.device)[:, None] + taps).abs()
-    src = torch.where(src >= size, 2 * (size - 1) - src, src)
-    matrix = torch.zeros(n, size, size, device=weights.device, dtype=weights.dtype)
-    return matrix.scatter_add_(2, src.expand(n, -1, -1), weights[:, None, :].expand(-1, size, -1))
-
-
-def _blur_conv(x: Tensor, weights: Tensor) -> Tensor:
-    """Separable depthwise blur of ``(n, C, H, W)`` with per-sample 1-D kernels ``(n, k)``."""
-    n, chans, height, width = x.shape
-    half = weights.shape[1] // 2
-    groups = n * chans
-    per_channel = weights.repeat_interleave(chans, dim=0)
-    out = F.pad(x.reshape(1, groups, height, width), (half, half, half, half), mode="reflect")
-    out = F.conv2d(out, per_channel.view(groups, 1, 1, -1), groups=groups)
-    out = F.conv2d(out, per_channel.view(groups, 1, -1, 1), groups=groups)
-    return out.view(n, chans, height, width)
+    pad = (half, half, 0, 0) if dim == -1 else (0, 0, half, half)
+    padded = F.pad(x, pad, mode="reflect")
+    size = x.shape[dim]
+    out = torch.zeros_like(x)
+    for tap in range(kernel):
+        out += weights[:, tap, None, None, None] * padded.narrow(dim, tap, size)
+    return out
 
 
 def _blur(x: Tensor, p: CropParams, spec: MultiCropSpec) -> Tensor:
@@ -127,9 +116,7 @@ def _blur(x: Tensor, p: CropParams, spec: MultiCropSpec) -> Tensor:
         sigma = p.sigma[p.blur].to(sub.device, sub.dtype, non_blocking=True)
         offsets = torch.arange(-half, half + 1, device=sub.device, dtype=sub.dtype)
         weights = torch.softmax(-0.5 * (offsets[None, :] / sigma[:, None]) ** 2, dim=1)
-        if max(height, width) > _MATMUL_BLUR_MAX_SIZE:
-            return _blur_conv(sub, weights)
-        return _blur_matrix(weights, height)[:, None] @ sub @ _blur_matrix(weights, width)[:, None].mT
+        return _blur_axis(_blur_axis(sub, weights, -1), weights, -2)
 
     return _on_subset(x, p.blur, blur)
 
