@@ -1,13 +1,15 @@
 """SOP beside iBOT and DINO on the Fashion-MNIST demo backbone: one data pipeline, one loop, one budget.
 
     python benchmarks/compare_methods.py [--methods sop ibot dino] [--seeds 0 1 2] [--epochs 3]
-                                         [--linear-epochs 100] [--out benchmarks/results/compare]
+                                         [--equal-time] [--linear-epochs 100] [--out PATH]
 
 Each method pre-trains from its demo recipe (configs/pretrain/fashion_mnist_cpu{,_ibot,_dino}.yaml: the
 same backbone, crops, batch, optimizer and schedule; only ``method:`` and its section differ), for the
-same number of epochs, so every run sees the same images. Its wall-clock is reported beside the scores, so
-an equal-time reading is possible too (a method that is slower per step would get fewer images in the same
-time). The teacher backbone is then evaluated with the 20-NN protocol (60k -> 10k, T = 0.07) and the fast
+same number of epochs, so every run sees the same images. With ``--equal-time`` each method instead gets
+the wall-clock SOP's epochs take: its epochs are scaled by SOP's step time over its own, both measured
+here first with ``sopvit.bench.time_steps`` (alternating methods, so a shared machine's drift hits all
+alike); the schedules span the scaled length. Measured training time is reported beside the scores.
+The teacher backbone is then evaluated with the 20-NN protocol (60k -> 10k, T = 0.07) and the fast
 linear probe (cached features, the default lr x optimizer x wd sweep). Results: ``<out>.json`` (every run),
 ``<out>.md`` (mean +- std table) and ``<out>.png``.
 """
@@ -32,7 +34,21 @@ RECIPES = {
 NAMES = {"sop": "SOP", "ibot": "iBOT", "dino": "DINO"}
 
 
-def pretrain(method: str, seed: int, epochs: int | None, run_dir: Path) -> float:
+def step_ms(methods: list[str], steps: int = 30) -> dict[str, float]:
+    """Median ms of one training step of each method's recipe, two rounds in mirrored order."""
+    from sopvit.bench import time_steps
+    from sopvit.config import load_config
+    from sopvit.config.pretrain import PretrainConfig
+
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for order in (methods, methods[::-1]):
+        for method in order:
+            cfg = load_config(PretrainConfig, RECIPES[method], ["run.progress=false"])
+            times[method].append(time_steps(cfg, warmup=5, steps=steps)["method_ms_per_step"])
+    return {m: statistics.mean(v) for m, v in times.items()}
+
+
+def pretrain(method: str, seed: int, epochs: float | None, run_dir: Path) -> float:
     """Pre-train one run (resumes an interrupted one); returns the seconds this call trained."""
     from sopvit.config import load_config
     from sopvit.config.pretrain import PretrainConfig
@@ -64,8 +80,8 @@ def evaluate(run_dir: Path, linear_epochs: int) -> dict[str, float]:
 
 def table(runs: list[dict[str, Any]], methods: list[str]) -> str:
     lines = [
-        "| method | k-NN@20 | linear | pre-training time | runs |",
-        "|---|---|---|---|---|",
+        "| method | epochs | k-NN@20 | linear | pre-training time | runs |",
+        "|---|---|---|---|---|---|",
     ]
     for method in methods:
         mine = [r for r in runs if r["method"] == method]
@@ -78,7 +94,8 @@ def table(runs: list[dict[str, Any]], methods: list[str]) -> str:
             return f"{statistics.mean(values):{fmt}} +- {std:{fmt}}"
 
         lines.append(
-            f"| {NAMES[method]} | {stat('knn20')} | {stat('linear')} | {stat('train_min', '.1f')} min "
+            f"| {NAMES[method]} | {mine[0].get('epochs', 3):.2f} | {stat('knn20')} | {stat('linear')} "
+            f"| {stat('train_min', '.1f')} min "
             f"| {len(mine)} (seeds {', '.join(str(r['seed']) for r in mine)}) |"
         )
     return "\n".join(lines)
@@ -113,7 +130,8 @@ def main() -> int:
     )
     parser.add_argument("--methods", nargs="+", default=["sop", "ibot", "dino"], choices=sorted(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=None, help="override the recipes' 3 epochs")
+    parser.add_argument("--epochs", type=float, default=None, help="override the recipes' 3 epochs")
+    parser.add_argument("--equal-time", action="store_true", help="scale epochs to SOP's wall-clock")
     parser.add_argument("--linear-epochs", type=int, default=100)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "compare")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compare_fashion_mnist")
@@ -123,20 +141,33 @@ def main() -> int:
 
     record = args.out.with_suffix(".json")
     record.parent.mkdir(parents=True, exist_ok=True)
-    done: list[dict[str, Any]] = json.loads(record.read_text())["runs"] if record.exists() else []
+    old = json.loads(record.read_text()) if record.exists() else {}
+    done: list[dict[str, Any]] = old.get("runs", [])
+    epochs = {m: args.epochs for m in args.methods}
+    ms = old.get("meta", {}).get("step_ms")
+    if args.equal_time:
+        ms = ms or step_ms(sorted(set(args.methods) | {"sop"}))
+        base = args.epochs or 3
+        epochs = {m: base * ms["sop"] / ms[m] for m in args.methods}
+        print(json.dumps({"step_ms": ms, "epochs": epochs}), flush=True)
     for seed in args.seeds:  # seed-major: an interrupted comparison still has every method at some seeds
         for method in args.methods:
             if any(r["method"] == method and r["seed"] == seed for r in done):
                 continue
             run_dir = args.runs / f"{method}_seed{seed}"
-            seconds = pretrain(method, seed, args.epochs, run_dir)
+            seconds = pretrain(method, seed, epochs[method], run_dir)
             scores = evaluate(run_dir, args.linear_epochs)
-            done.append({"method": method, "seed": seed, "train_min": seconds / 60, **scores})
+            row = {"method": method, "seed": seed, "epochs": epochs[method] or 3, "train_min": seconds / 60}
+            done.append({**row, **scores})
             print(json.dumps(done[-1]), flush=True)
             meta = {
                 "date": time.strftime("%Y-%m-%d"),
                 "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                 "epochs": args.epochs or 3,
+                "budget": "equal wall-clock (epochs scaled by step time)"
+                if args.equal_time
+                else "equal images",
+                "step_ms": ms,
                 "linear_epochs": args.linear_epochs,
             }
             record.write_text(json.dumps({"meta": meta, "runs": done}, indent=1))

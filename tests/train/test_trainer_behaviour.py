@@ -263,3 +263,9 @@ def test_resuming_needs_the_same_method_and_that_methods_shapes(tmp_path: Path) 
     for method in ("ibot", "dino"):
         with pytest.raises(ConfigError, match=rf"{method}\.out_dim=48, this config has 64"):
             check_compatible(_config(method, **{method: {"out_dim": 48}}), _config(method), path)
+
+
+def test_a_fractional_epoch_count_ends_the_schedules_part_way_through_an_epoch(tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(tmp_path, "train.epochs=1.5"))  # 128 images / 16 = 8 steps an epoch
+    assert trainer.total_steps == trainer.stop_step == 12
+    assert trainer.schedules.at(11).lr < trainer.schedules.at(6).lr  # the cosine spans the 12 steps

@@ -88,7 +88,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
+    epochs: float = 100  # a fraction ends the run part-way through an epoch (equal-time comparisons)
     max_steps: int | None = None  # stop early (smoke tests, benchmarks); schedules still span `epochs`
     batch_size: int = 64  # per process
     accum_steps: int = 1

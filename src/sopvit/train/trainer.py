@@ -128,7 +128,7 @@ class Trainer:
                 f"train.accum_steps={t.accum_steps} exceeds the {self.inputs.plan.steps_per_epoch} "
                 "micro-batches of one epoch"
             )
-        self.total_steps = t.epochs * steps_per_epoch
+        self.total_steps = max(1, round(t.epochs * steps_per_epoch))
         self.stop_step = min(self.total_steps, t.max_steps or self.total_steps)
         global_batch = t.batch_size * self.world * t.accum_steps
         method = cfg.method_config
