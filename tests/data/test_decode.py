@@ -265,6 +265,7 @@ def test_exif_orientation_is_applied_on_both_paths(tmp_path: Path, orientation: 
         assert torch.equal(ref, unrotated.flip(-2, -1))
 
 
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
 def test_bombs_are_refused_on_both_paths(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # 500x375 falls in PIL's warning zone (MAX < pixels <= 2 MAX), which both paths refuse; 64x48 does not.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500 * 375 - 1)
