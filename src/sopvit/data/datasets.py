@@ -39,8 +39,8 @@ class InMemoryDataset(Dataset[dict[str, Any]]):
         labels: int ``(N,)``; None gives label -1 everywhere.
         transform: applied to the uint8 ``(C, H, W)`` image; None returns it unchanged.
 
-    ``__getitem__(i)`` -> ``{"image", "index": i, "label": int, "skipped": 0}``. The batched
-    GPU/CPU path reads ``images``/``labels`` directly instead of indexing sample by sample.
+    ``__getitem__(i)`` -> ``{"image", "index": i, "label": int, "skipped": 0}``. The device
+    path (``data.augment_on=device``) reads ``images`` directly instead of indexing sample by sample.
     """
 
     def __init__(
@@ -125,7 +125,7 @@ def build_dataset(
 
     Args:
         name: one of ``DATASET_NAMES``. "fashion_mnist"/"cifar10"/"cifar100" give an
-            ``InMemoryDataset`` (uint8 images, usable by the batched path); "folder" scans
+            ``InMemoryDataset`` (uint8 images held in memory); "folder" scans
             ``path`` recursively; "imagenet" reads the labelled folder ``path/split``.
         path: data root; optional for the in-memory sets (defaults as in their loaders).
         split: "train" or "test" ("val" is accepted as "test" for the in-memory sets); for
