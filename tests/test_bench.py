@@ -79,3 +79,12 @@ def test_bench_reports_the_device_path_and_whether_the_step_would_wait_for_it() 
     table = format_table(row)
     assert "input (augment_on=device)  500 img/s, 1.50 CPU core-ms/img  input-bound" in table
     assert "input-bound" not in format_table({**row, "input_images_per_s": 900.0})
+
+
+@pytest.mark.parametrize("method", ["ibot", "dino"])
+def test_bench_times_the_baselines_too(method: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """DINO sends no patch tokens through the head: the trivial-loss step must not average an empty tensor."""
+    args = ["bench", "--steps", "1", "--warmup", "0", "--input-batches", "0", *TINY, f"method={method}"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["method"] == method and result["base_ms_per_step"] > 0 and result["method_ms_per_step"] > 0
