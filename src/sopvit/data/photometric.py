@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 from sopvit.data.crop_params import CropParams
+from sopvit.data.fast_kernels import blur_axis, gaussian_weights
 from sopvit.data.transforms import MultiCropSpec, blur_kernel_size
 
 __all__ = ["apply_photometric", "gray"]
@@ -86,37 +86,16 @@ def _jitter(x: Tensor, p: CropParams, spec: MultiCropSpec) -> Tensor:
     return x
 
 
-def _blur_axis(x: Tensor, weights: Tensor, dim: int) -> Tensor:
-    """1-D blur along ``dim`` (-1 or -2) with reflect padding; per-sample kernels ``weights`` ``(n, k)``.
-
-    A weighted sum of shifted copies, element by element: unlike a batched matmul or a grouped
-    convolution, whose kernels BLAS/oneDNN pick by batch size, an image's result cannot depend on which
-    other images share its batch (2 ranks must see exactly the halves of one process's batch).
-    """
-    kernel = weights.shape[1]
-    half = kernel // 2
-    pad = (half, half, 0, 0) if dim == -1 else (0, 0, half, half)
-    padded = F.pad(x, pad, mode="reflect")
-    size = x.shape[dim]
-    out = torch.zeros_like(x)
-    for tap in range(kernel):
-        out += weights[:, tap, None, None, None] * padded.narrow(dim, tap, size)
-    return out
-
-
 def _blur(x: Tensor, p: CropParams, spec: MultiCropSpec) -> Tensor:
     """GaussianBlur with each selected image's sigma: torchvision's kernel over integer offsets."""
     height, width = x.shape[-2:]
     kernel = blur_kernel_size(spec.blur_sigma[1], min(height, width))
     if kernel <= 1:
         return x
-    half = kernel // 2
 
     def blur(sub: Tensor) -> Tensor:
-        sigma = p.sigma[p.blur].to(sub.device, sub.dtype, non_blocking=True)
-        offsets = torch.arange(-half, half + 1, device=sub.device, dtype=sub.dtype)
-        weights = torch.softmax(-0.5 * (offsets[None, :] / sigma[:, None]) ** 2, dim=1)
-        return _blur_axis(_blur_axis(sub, weights, -1), weights, -2)
+        weights = gaussian_weights(kernel, p.sigma[p.blur].to(sub.device, sub.dtype, non_blocking=True))
+        return blur_axis(blur_axis(sub, weights, -1), weights, -2)
 
     return _on_subset(x, p.blur, blur)
 
