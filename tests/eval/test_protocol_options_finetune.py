@@ -16,17 +16,25 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from timm.data import Mixup
 from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.transforms import v2
 
 from sopvit.data.fashion_mnist import load_fashion_mnist
 from sopvit.data.transforms import TimmRandAugment
 from sopvit.eval import finetune
-from sopvit.eval.finetune_model import Classifier
-from sopvit.eval.subsets import dataset_labels
+from tests.eval.supervised_observe import (
+    NO_ERASING,
+    PLAIN,
+    balanced_half,
+    evaluated_folder,
+    evaluated_on,
+    observe_supervised,
+    subset_trained,
+    train_size,
+    trained_on,
+)
 from tests.eval.test_protocol_options import (
     FOLDER,
     GREY_MEAN,
@@ -43,106 +51,9 @@ from tests.eval.test_protocol_options import (
     reproducible,
     same,
     same_on_cpu,
-    spy,
 )
 
 LIMIT, BATCH, DEPTH = 32, 8, 2  # vit_test has 2 blocks
-AdamW = torch.optim.AdamW
-CrossEntropyLoss = nn.CrossEntropyLoss
-
-# no random content but the crop and flip: no mixing, no RandAugment, no random erasing, no drop path
-NO_ERASING = (("mixup", 0.0), ("cutmix", 0.0), ("auto_augment", None), ("drop_path", 0.0))
-PLAIN = (*NO_ERASING, ("reprob", 0.0))
-
-
-def observe_finetune(backbone: Any) -> Any:
-    def observe(cfg: finetune.FinetuneConfig) -> Obs:
-        steps: list[list[tuple[float, float, float]]] = []
-        models: list[Classifier] = []
-        inputs: list[Tensor] = []
-        test_inputs: list[Tensor] = []
-        hard: list[Tensor] = []
-        smoothing: list[float] = []
-        mixes: list[dict[str, Any]] = []
-        transforms: list[Any] = []
-        evals: list[tuple[tuple[Any, ...], Any]] = []
-        evaluated: list[int] = []
-        subsets: list[tuple[tuple[Any, ...], Any]] = []
-
-        class Optimizer(AdamW):
-            def step(self, closure: Any = None) -> Any:
-                steps.append([(g["lr"], g["weight_decay"], g["lr_scale"]) for g in self.param_groups])
-                return super().step(closure)
-
-        class Model(Classifier):
-            def __init__(self, *args: Any) -> None:
-                super().__init__(*args)
-                models.append(self)
-
-            def forward(self, x: Tensor) -> Tensor:
-                (inputs if self.training else test_inputs).append(x.detach().clone())
-                return super().forward(x)
-
-        class Mixer(Mixup):
-            def __init__(self, **kwargs: Any) -> None:
-                super().__init__(**kwargs)
-                mixes.append({"kwargs": kwargs, "calls": []})
-
-            def __call__(self, x: Tensor, target: Tensor) -> Any:
-                before, labels = x.clone(), target.clone()
-                x, soft = super().__call__(x, target)
-                mixes[-1]["calls"].append((before, x.clone(), labels, soft))
-                return x, soft
-
-        class PlainLoss(CrossEntropyLoss):
-            def __init__(self, **kwargs: Any) -> None:
-                super().__init__(**kwargs)
-                smoothing.append(self.label_smoothing)
-
-            def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-                hard.append(target.clone())
-                return super().forward(logits, target)
-
-        class Transform(finetune.SupervisedTrainTransform):
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                transforms.append(self)
-
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(torch.optim, "AdamW", Optimizer)
-            mp.setattr(finetune, "Classifier", Model)
-            mp.setattr(finetune, "Mixup", Mixer)
-            mp.setattr(nn, "CrossEntropyLoss", PlainLoss)
-            mp.setattr(finetune, "SupervisedTrainTransform", Transform)
-            spy(mp, finetune, "evaluate", evals)
-            spy(mp, finetune, "low_shot_indices", subsets)
-            spied = finetune.evaluate
-
-            def evaluate(*args: Any) -> float:
-                evaluated.append(len(steps))  # after how many optimizer steps
-                return float(spied(*args))
-
-            mp.setattr(finetune, "evaluate", evaluate)
-            out = finetune.run(backbone, cfg)
-        model = models[0]
-        return {
-            "out": out,
-            "steps": steps,
-            "state": {k: v.clone() for k, v in model.state_dict().items()},
-            "inputs": inputs,
-            "test_inputs": torch.cat(test_inputs),  # every evaluation's, whatever the evaluation batch
-            "evaluated": evaluated,
-            "top1s": [top1 for _, top1 in evals],
-            "targets": hard,
-            "idx": subsets[0][1],
-            "eval_labels": dataset_labels(evals[0][0][1].dataset),
-            "drop_path": [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.backbone.model.blocks],
-            "_smoothing": smoothing,
-            "_mix": mixes,
-            "_transform": transforms[0],
-        }
-
-    return observe
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -351,56 +262,10 @@ def evaluated_after(epochs: list[int]) -> Any:
     return check
 
 
-def trained_on(split: str) -> Any:
-    def check(sc: Scenario, row: Row) -> None:
-        _, labels = load_fashion_mnist(split, limit=LIMIT)
-        seen = torch.cat(sc.alt(row)["targets"])  # one epoch of full batches: every image once
-        assert sorted(seen.tolist()) == sorted(labels.tolist())
-
-    return check
-
-
-def evaluated_on(split: str) -> Any:
-    def check(sc: Scenario, row: Row) -> None:
-        assert sc.alt(row)["eval_labels"].tolist() == load_fashion_mnist(split, limit=LIMIT)[1].tolist()
-
-    return check
-
-
-def train_size(n: int) -> Any:
-    def check(sc: Scenario, row: Row) -> None:
-        assert sc.alt(row)["out"]["finetune_train_size"] == n
-
-    return check
-
-
-def subset_trained(sc: Scenario, row: Row) -> None:
-    """The listed images, once each per epoch (6 images: one batch of 6)."""
-    _, labels = load_fashion_mnist("train", limit=LIMIT)
-    assert sc.alt(row)["idx"].tolist() == [1, 4, 9, 16, 25, 30]
-    assert sorted(torch.cat(sc.alt(row)["targets"]).tolist()) == sorted(
-        labels[[1, 4, 9, 16, 25, 30]].tolist()
-    )
-
-
-def balanced_half(sc: Scenario, row: Row) -> None:
-    _, labels = load_fashion_mnist("train", limit=LIMIT)
-    counts = torch.bincount(labels).tolist()
-    expected = [max(1, round(n / 2)) for n in counts]
-    obs = sc.alt(row)
-    assert torch.bincount(labels[obs["idx"]], minlength=len(counts)).tolist() == expected
-    assert obs["out"]["finetune_train_size"] == sum(expected)
-
-
 def nothing_cached(sc: Scenario, row: Row) -> None:
     """Fine-tuning has no frozen features to cache: the numbers stay, no file appears."""
     same(atol=0.0)(sc, row)
     assert not list(Path(sc.cfg(**row.overrides).cache_dir).glob("**/*"))
-
-
-def evaluated_folder(sc: Scenario, row: Row) -> None:
-    obs = sc.alt(row)
-    assert obs["out"]["finetune_train_size"] == 8 and obs["eval_labels"].tolist() == [0] * 4 + [1] * 4
 
 
 FINETUNE_ROWS = [
@@ -479,7 +344,12 @@ def finetune_scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
         num_workers=0,
         device="cpu",
     )
-    return Scenario(base, observe_finetune(backbone), backbone, tmp)
+    return Scenario(
+        base,
+        observe_supervised(finetune, "Classifier", backbone, ("lr", "weight_decay", "lr_scale")),
+        backbone,
+        tmp,
+    )
 
 
 @pytest.mark.parametrize("row", FINETUNE_ROWS, ids=str)

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import torch
-from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from torch import Tensor, nn
 from torchvision.transforms import v2
@@ -21,15 +20,22 @@ from torchvision.transforms import v2
 from sopvit.data.fashion_mnist import load_fashion_mnist
 from sopvit.data.transforms import TimmRandAugment
 from sopvit.eval import semisup
-from sopvit.eval.finetune_model import vit_blocks
-from sopvit.eval.semisup_model import SemisupClassifier
-from sopvit.eval.subsets import dataset_labels
 from sopvit.models import Encoder, ProjectionHead
+from tests.eval.supervised_observe import (
+    NO_ERASING,
+    PLAIN,
+    balanced_half,
+    evaluated_folder,
+    evaluated_on,
+    observe_supervised,
+    subset_trained,
+    train_size,
+    trained_on,
+)
 from tests.eval.test_protocol_options import (
     FOLDER,
     GREY_MEAN,
     GREY_STD,
-    Obs,
     Row,
     Scenario,
     backbone_for,
@@ -41,7 +47,6 @@ from tests.eval.test_protocol_options import (
     reproducible,
     same,
     same_on_cpu,
-    spy,
 )
 from tests.eval.test_protocol_options_finetune import (
     cutmix_only,
@@ -52,103 +57,13 @@ from tests.eval.test_protocol_options_finetune import (
 )
 
 LIMIT, BATCH, HIDDEN, BOTTLENECK = 32, 8, 64, 32
-AdamW = torch.optim.AdamW
-CrossEntropyLoss = nn.CrossEntropyLoss
 
-# no random content but the crop and flip: no mixing, no RandAugment, no random erasing, no drop path
-NO_ERASING = (("mixup", 0.0), ("cutmix", 0.0), ("auto_augment", None), ("drop_path", 0.0))
-PLAIN = (*NO_ERASING, ("reprob", 0.0))
 WHOLE = (*PLAIN, ("crop_scale_min", 1.0))  # crops of scale 1 are whole images
 
 
 def tiny_encoder() -> Encoder:
     backbone = backbone_for(1)
     return Encoder(backbone, ProjectionHead(backbone.embed_dim, HIDDEN, BOTTLENECK, n_layers=3))
-
-
-def observe_semisup(encoder: Encoder) -> Any:
-    def observe(cfg: semisup.SemisupConfig) -> Obs:
-        steps: list[list[tuple[float, float]]] = []
-        models: list[SemisupClassifier] = []
-        built: list[dict[str, Tensor]] = []
-        inputs: list[Tensor] = []
-        test_inputs: list[Tensor] = []
-        hard: list[Tensor] = []
-        smoothing: list[float] = []
-        mixes: list[dict[str, Any]] = []
-        transforms: list[Any] = []
-        evals: list[tuple[tuple[Any, ...], Any]] = []
-        subsets: list[tuple[tuple[Any, ...], Any]] = []
-
-        class Optimizer(AdamW):
-            def step(self, closure: Any = None) -> Any:
-                steps.append([(g["lr"], g["weight_decay"]) for g in self.param_groups])
-                return super().step(closure)
-
-        class Model(SemisupClassifier):
-            def __init__(self, *args: Any) -> None:
-                super().__init__(*args)
-                models.append(self)
-                built.append({k: v.clone() for k, v in self.state_dict().items()})
-
-            def forward(self, x: Tensor) -> Tensor:
-                (inputs if self.training else test_inputs).append(x.detach().clone())
-                return super().forward(x)
-
-        class Mixer(Mixup):
-            def __init__(self, **kwargs: Any) -> None:
-                super().__init__(**kwargs)
-                mixes.append({"kwargs": kwargs, "calls": []})
-
-            def __call__(self, x: Tensor, target: Tensor) -> Any:
-                before, labels = x.clone(), target.clone()
-                x, soft = super().__call__(x, target)
-                mixes[-1]["calls"].append((before, x.clone(), labels, soft))
-                return x, soft
-
-        class PlainLoss(CrossEntropyLoss):
-            def __init__(self, **kwargs: Any) -> None:
-                super().__init__(**kwargs)
-                smoothing.append(self.label_smoothing)
-
-            def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-                hard.append(target.clone())
-                return super().forward(logits, target)
-
-        class Transform(semisup.SupervisedTrainTransform):
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                transforms.append(self)
-
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(torch.optim, "AdamW", Optimizer)
-            mp.setattr(semisup, "SemisupClassifier", Model)
-            mp.setattr(semisup, "Mixup", Mixer)
-            mp.setattr(nn, "CrossEntropyLoss", PlainLoss)
-            mp.setattr(semisup, "SupervisedTrainTransform", Transform)
-            spy(mp, semisup, "evaluate", evals)
-            spy(mp, semisup, "low_shot_indices", subsets)
-            out = semisup.run(encoder, cfg)
-        model = models[0]
-        return {
-            "out": out,
-            "steps": steps,
-            "built": built[0],
-            "state": {k: v.clone() for k, v in model.state_dict().items()},
-            "inputs": inputs,
-            "test_inputs": torch.cat(test_inputs),
-            "top1s": [top1 for _, top1 in evals],  # every evaluation's, in order
-            "targets": hard,
-            "idx": subsets[0][1],
-            "eval_labels": dataset_labels(evals[0][0][1].dataset),
-            "drop_path": [getattr(b.drop_path1, "drop_prob", 0.0) for b in vit_blocks(model.backbone)],
-            "_model": model,
-            "_smoothing": smoothing,
-            "_mix": mixes,
-            "_transform": transforms[0],
-        }
-
-    return observe
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -293,52 +208,6 @@ def evaluations(epochs: list[int]) -> Any:
     return check
 
 
-def trained_on(split: str) -> Any:
-    def check(sc: Scenario, row: Row) -> None:
-        _, labels = load_fashion_mnist(split, limit=LIMIT)
-        seen = torch.cat(sc.alt(row)["targets"])  # one epoch of full batches: every image once
-        assert sorted(seen.tolist()) == sorted(labels.tolist())
-
-    return check
-
-
-def evaluated_on(split: str) -> Any:
-    def check(sc: Scenario, row: Row) -> None:
-        assert sc.alt(row)["eval_labels"].tolist() == load_fashion_mnist(split, limit=LIMIT)[1].tolist()
-
-    return check
-
-
-def train_size(n: int) -> Any:
-    def check(sc: Scenario, row: Row) -> None:
-        assert sc.alt(row)["out"]["semisup_train_size"] == n
-
-    return check
-
-
-def subset_trained(sc: Scenario, row: Row) -> None:
-    """The listed images, once each per epoch (6 images: one batch of 6)."""
-    _, labels = load_fashion_mnist("train", limit=LIMIT)
-    assert sc.alt(row)["idx"].tolist() == [1, 4, 9, 16, 25, 30]
-    assert sorted(torch.cat(sc.alt(row)["targets"]).tolist()) == sorted(
-        labels[[1, 4, 9, 16, 25, 30]].tolist()
-    )
-
-
-def balanced_half(sc: Scenario, row: Row) -> None:
-    _, labels = load_fashion_mnist("train", limit=LIMIT)
-    counts = torch.bincount(labels).tolist()
-    expected = [max(1, round(n / 2)) for n in counts]
-    obs = sc.alt(row)
-    assert torch.bincount(labels[obs["idx"]], minlength=len(counts)).tolist() == expected
-    assert obs["out"]["semisup_train_size"] == sum(expected)
-
-
-def evaluated_folder(sc: Scenario, row: Row) -> None:
-    obs = sc.alt(row)
-    assert obs["out"]["semisup_train_size"] == 8 and obs["eval_labels"].tolist() == [0] * 4 + [1] * 4
-
-
 SEMISUP_ROWS = [
     Row("head_layers", 0, kept_head(0)),
     Row("head_layers", 2, kept_head(2)),
@@ -366,7 +235,8 @@ SEMISUP_ROWS = [
     Row("image_size", 20, every(whole_image_views("bicubic"), eval_views("bicubic")), WHOLE),
     Row("crop_scale_min", 1.0, every(whole_image_views("bicubic"), differs("state")), PLAIN),
     Row("repeated_aug", 3, every(repeated, differs("state")), PLAIN),
-    Row("eval_every", 2, evaluations([2, 3]), (("epochs", 3),)),
+    # evaluating leaves the training as it was (the test loader's seed is drawn on a forked RNG)
+    Row("eval_every", 2, every(evaluations([2, 3]), same("state", "steps", atol=0.0)), (("epochs", 3),)),
     # Workers draw augmentations from their own seeded streams, so only a pipeline without random
     # content (whole crops of mirror-symmetric images) can give the same numbers for any worker count.
     Row("num_workers", 2, same(atol=0.0), (*WHOLE, *FOLDER)),
@@ -404,7 +274,9 @@ def semisup_scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
         num_workers=0,
         device="cpu",
     )
-    return Scenario(base, observe_semisup(encoder), encoder, tmp)
+    return Scenario(
+        base, observe_supervised(semisup, "SemisupClassifier", encoder, ("lr", "weight_decay")), encoder, tmp
+    )
 
 
 @pytest.mark.parametrize("row", SEMISUP_ROWS, ids=str)

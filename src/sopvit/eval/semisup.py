@@ -25,27 +25,27 @@ from collections.abc import Iterator, Sized
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-import numpy as np
 import torch
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from sopvit.config import check
-from sopvit.data.datasets import build_dataset
 from sopvit.data.seeding import SeededSamples, mix_seed
-from sopvit.data.transforms import EvalTransform, SupervisedTrainTransform
-from sopvit.device import autocast, resolve_device
-from sopvit.distributed import all_reduce_min, rank, shard, world_size
+from sopvit.device import resolve_device
+from sopvit.distributed import rank, world_size
 from sopvit.eval.cache import check_in_chans
-from sopvit.eval.finetune import evaluate
 from sopvit.eval.finetune_model import set_drop_path
 from sopvit.eval.registry import register
 from sopvit.eval.semisup_model import SemisupClassifier, param_groups
-from sopvit.eval.subsets import dataset_labels, low_shot_indices, split_paths
-from sopvit.eval.supervised import SupervisedRecipe
+from sopvit.eval.supervised import (
+    SupervisedRecipe,
+    evaluate,
+    labelled_splits,
+    rank_mixing,
+    report,
+    test_loader,
+    train_epoch,
+)
 from sopvit.models import Encoder
 from sopvit.train.schedules import cosine
 
@@ -130,11 +130,6 @@ class RepeatedAugSampler(Sampler[int]):
         return iter(copies[self.rank :: self.world][: len(self)].tolist())
 
 
-def _native_resize(cfg: SemisupConfig) -> int | None:
-    # small in-memory sets are evaluated at their native size, as finetune, k-NN and linear do
-    return cfg.image_size if cfg.dataset in ("fashion_mnist", "cifar10", "cifar100") else None
-
-
 @register(
     "semisup",
     SemisupConfig,
@@ -150,28 +145,10 @@ def run(encoder: Encoder, cfg: SemisupConfig) -> dict[str, float]:
     check_in_chans(encoder.backbone, cfg.in_chans)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    train_tf = SupervisedTrainTransform(
-        cfg.image_size,
-        cfg.in_chans,
-        crop_scale=(cfg.crop_scale_min, 1.0),
-        auto_augment=cfg.auto_augment,
-        reprob=cfg.reprob,
-        interpolation=cfg.train_interpolation,
-    )
-    train_ds = build_dataset(cfg.dataset, cfg.path, cfg.train_split, transform=train_tf, limit=cfg.limit)
-    eval_tf = EvalTransform(
-        cfg.image_size,
-        resize=_native_resize(cfg),
-        in_chans=cfg.in_chans,
-        interpolation=cfg.eval_interpolation,
-    )
-    test_ds = build_dataset(cfg.dataset, cfg.path, cfg.test_split, transform=eval_tf, limit=cfg.limit)
-    labels = dataset_labels(train_ds)
-    n_classes = int(max(labels.max(), dataset_labels(test_ds).max())) + 1
-    names = split_paths(cfg.dataset, cfg.path, cfg.train_split, cfg.limit)
-    subset = low_shot_indices(labels, cfg.subset_file, cfg.subset_fraction, cfg.seed, names)
+    splits = labelled_splits(cfg)
+    subset = splits.subset
     # each view depends on (seed, epoch, image, copy) alone, not on num_workers or the rank count
-    seeded = SeededSamples(RepeatedViews(Subset(train_ds, subset.tolist()), cfg.repeated_aug), cfg.seed)
+    seeded = SeededSamples(RepeatedViews(Subset(splits.train, subset.tolist()), cfg.repeated_aug), cfg.seed)
     world = world_size()
     sampler = RepeatedAugSampler(subset.numel(), cfg.repeated_aug, cfg.seed, world, rank())
     batch = min(cfg.train_batch_size, len(sampler))
@@ -180,73 +157,34 @@ def run(encoder: Encoder, cfg: SemisupConfig) -> dict[str, float]:
     train_loader: DataLoader[dict[str, Any]] = DataLoader(
         seeded, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.num_workers
     )
-    test_loader: DataLoader[dict[str, Any]] = DataLoader(
-        Subset(test_ds, list(shard(len(cast(Sized, test_ds))))),
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-    )
+    tests = test_loader(splits.test, cfg)
 
-    model = SemisupClassifier(encoder, cfg.head_layers, n_classes)
+    model = SemisupClassifier(encoder, cfg.head_layers, splits.n_classes)
     set_drop_path(model.backbone, cfg.drop_path)
     model = model.to(device)
     ids = [device.index] if device.type == "cuda" else None
     trained = DistributedDataParallel(model, device_ids=ids) if world > 1 else model
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    torch.manual_seed(cfg.seed + rank())  # own mixing and drop-path draws per rank
-    # timm's Mixup draws lambda, the mixup/cutmix switch and the CutMix box from numpy's global RNG
-    np.random.seed((cfg.seed + rank()) % 2**32)
-    mixing = cfg.mixup > 0 or cfg.cutmix > 0
-    mixer = (
-        Mixup(
-            mixup_alpha=cfg.mixup,
-            cutmix_alpha=cfg.cutmix,
-            label_smoothing=cfg.label_smoothing,
-            num_classes=n_classes,
-        )
-        if mixing
-        else None
-    )
-    if mixer is not None and batch < 2:
-        raise ValueError("mixup: mixing needs at least 2 training images; set mixup and cutmix to 0")
-    # timm's Mixup already smooths its soft targets; without mixing, smoothing is the loss's job
-    smooth = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    criterion: nn.Module = SoftTargetCrossEntropy() if mixing else smooth
+    mixer, criterion = rank_mixing(cfg, splits.n_classes, batch)
     peak = cfg.lr * batch * world / 512  # the reference's linear scaling rule, on the global batch
     steps_per_epoch = len(train_loader)
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    bf16 = autocast(device)
     top1s: dict[int, float] = {}  # epoch -> top-1
     step = 0
     for epoch in range(cfg.epochs):
         sampler.set_epoch(epoch)
         seeded.set_epoch(epoch)
-        trained.train()
-        for b in train_loader:
-            x, y = b["image"].to(device, non_blocking=True), torch.as_tensor(b["label"]).to(device)
-            if mixer is not None:
-                if x.shape[0] % 2:  # only when a tiny subset is a single odd batch
-                    x, y = x[:-1], y[:-1]
-                x, target = mixer(x, y)
-            else:
-                target = y
-            lr = lr_at(step, total, warmup, peak, cfg.warmup_lr, cfg.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with bf16:
-                loss = criterion(trained(x).float(), target)
-            # decided together: one rank raising alone would leave the others waiting in backward
-            if not bool(all_reduce_min(torch.isfinite(loss.detach()).float())):
-                raise ValueError(f"lr: fine-tuning loss became {float(loss)} at step {step}; lower the lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+        step = train_epoch(
+            trained,
+            train_loader,
+            opt,
+            mixer,
+            criterion,
+            lambda s: lr_at(s, total, warmup, peak, cfg.warmup_lr, cfg.min_lr),
+            step,
+            device,
+        )
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            top1s[epoch + 1] = evaluate(model, test_loader, device)
-    best_epoch = max(top1s, key=lambda e: (top1s[e], -e))  # the first epoch reaching the best
-    return {
-        "semisup_top1": top1s[cfg.epochs],
-        "semisup_best_top1": top1s[best_epoch],  # what the reference prints as "Max accuracy"
-        "semisup_best_epoch": float(best_epoch),
-        "semisup_train_size": float(subset.numel()),
-    }
+            top1s[epoch + 1] = evaluate(model, tests, device)
+    # the best is what the reference prints as "Max accuracy"
+    return report("semisup", top1s, cfg.epochs, subset.numel())
