@@ -13,16 +13,9 @@ from sopvit.data.counter_rng import image_keys
 from sopvit.data.crop_params import CropParams, sample_crop_params
 from sopvit.data.photometric import apply_photometric
 from sopvit.data.transforms import blur_kernel_size
+from tests.data.test_batched import PLAIN
 
 FMNIST = {"global_size": 28, "local_size": 14, "n_locals": 2, "in_chans": 1, "blur_sigma": (0.1, 1.0)}
-PLAIN = {
-    "global_scale": (1.0, 1.0),
-    "flip_prob": 0.0,
-    "jitter_prob": 0.0,
-    "grayscale_prob": 0.0,
-    "blur_probs": (0.0, 0.0, 0.0),
-    "solarize_prob": 0.0,
-}
 
 
 def _keys(n: int, seed: int = 0, start: int = 0) -> torch.Tensor:

@@ -12,10 +12,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from sopvit.export import EXPORT_FORMATS, export, load_pretrained, load_reference_checkpoint
-from sopvit.export.load import read_run, teacher_encoder
 from sopvit.models import Backbone, create_backbone
-from sopvit.train.trainer import Trainer
-from tests.train.tiny import tiny_config
+from tests.train.tiny import tiny_run, tiny_teacher
 
 REPO = Path(__file__).resolve().parents[2]
 # Names of training-only state: none of them may appear in an exported file.
@@ -24,15 +22,12 @@ FORBIDDEN = ("optimizer", "objective", "bank", "memory", "student", "rng", "exp_
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("export") / "run"
-    Trainer(tiny_config(path, "train.max_steps=1")).fit()
-    return path
+    return tiny_run(tmp_path_factory, "export")
 
 
 @pytest.fixture(scope="module")
 def teacher(run_dir: Path) -> Backbone:
-    state, cfg, _ = read_run(run_dir)
-    return teacher_encoder(state, cfg).backbone
+    return tiny_teacher(run_dir)
 
 
 def images(batch: int = 2, size: int = 16) -> Tensor:

@@ -22,13 +22,12 @@ import torch
 from sopvit.cli import main
 from sopvit.eval.retrieval import load_gnd
 from sopvit.export import export, load_pretrained, load_reference_checkpoint
-from sopvit.export.load import read_run, teacher_encoder
 from sopvit.models import Backbone
 from sopvit.safe_load import UnsafeFileError
 from sopvit.train.checkpoint import FORMAT_VERSION, load_checkpoint
 from sopvit.train.trainer import Trainer
 from tests.export.test_export import features, images, reference_dict
-from tests.train.tiny import TINY, tiny_config
+from tests.train.tiny import TINY, tiny_config, tiny_run, tiny_teacher
 
 # What each payload calls, and how the refusal names it (protocol-2 pickles reach Path.touch via getattr).
 PAYLOADS = {"system": r"posix\.system|nt\.system", "eval": r"builtins\.eval", "touch": r"getattr|pathlib"}
@@ -50,15 +49,12 @@ class RunsCode:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("unsafe") / "run"
-    Trainer(tiny_config(path, "train.max_steps=1")).fit()
-    return path
+    return tiny_run(tmp_path_factory, "unsafe")
 
 
 @pytest.fixture(scope="module")
 def teacher(run_dir: Path) -> Backbone:
-    state, cfg, _ = read_run(run_dir)
-    return teacher_encoder(state, cfg).backbone
+    return tiny_teacher(run_dir)
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str], path: Path, how: str) -> None:

@@ -6,10 +6,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from sopvit.config import load_config
 from sopvit.config.pretrain import PretrainConfig
+from sopvit.export.load import read_run, teacher_encoder
+from sopvit.models import Backbone
+from sopvit.train.trainer import Trainer
 
 TINY = [
     "model.arch=vit_test",
@@ -63,3 +67,15 @@ def poison(trainer: Any, micro_batch: int) -> None:
             batch.crops[0][0, 0, 0, 0] = float("nan")
 
     edit_batches(trainer, nan)
+
+
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """The run directory of one tiny training step."""
+    path = tmp_path_factory.mktemp(name) / "run"
+    Trainer(tiny_config(path, "train.max_steps=1")).fit()
+    return path
+
+
+def tiny_teacher(run_dir: Path) -> Backbone:
+    state, cfg, _ = read_run(run_dir)
+    return teacher_encoder(state, cfg).backbone
