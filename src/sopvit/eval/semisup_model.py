@@ -8,6 +8,7 @@ from typing import Any, cast
 from torch import Tensor, nn
 
 from sopvit.models import Encoder, ProjectionHead
+from sopvit.train.optim import param_groups_weight_decay
 
 
 class HeadLayers(nn.Module):
@@ -60,11 +61,9 @@ class SemisupClassifier(nn.Module):
 
 
 def param_groups(model: SemisupClassifier, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups as the reference's timm ``create_optimizer`` builds them: decay on every trainable
-    tensor of 2 or more dimensions, none on biases and norm weights (1-D). iBOT's VisionTransformer names
-    no ``no_weight_decay`` exceptions, so the [CLS] token and the position embedding are decayed. No
-    layer-wise lr decay (``--layer_decay`` default 1.0, not passed)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    plain = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    """The AdamW groups of the reference's timm ``create_optimizer``, decayed first: timm's rule (decay on
+    every trainable tensor but biases and 1-D norm weights), as pre-training applies it. iBOT's
+    VisionTransformer names no ``no_weight_decay`` exceptions, so the [CLS] token and the position
+    embedding are decayed. No layer-wise lr decay (``--layer_decay`` default 1.0, not passed)."""
+    no_decay, decay = param_groups_weight_decay(model, weight_decay)
+    return [g for g in (decay, no_decay) if g["params"]]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 # timm's parameter-group rules (1-D parameters and a model's own list never decayed) serve pre-training
-# here and fine-tuning's layer-wise lr decay (eval/finetune_model.py).
+# here, fine-tuning's layer-wise lr decay (eval/finetune_model.py) and semi-supervised fine-tuning.
 try:
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 except ImportError:  # older timm (1.0.9, which pyproject allows) has them only in optim_factory
@@ -19,6 +19,7 @@ __all__ = [
     "clip_per_parameter",
     "param_groups",
     "param_groups_layer_decay",
+    "param_groups_weight_decay",
     "set_schedule",
 ]
 
