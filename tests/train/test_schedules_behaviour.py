@@ -25,6 +25,7 @@ def test_cosine_without_warmup_and_with_a_warmup_as_long_as_the_run() -> None:
     assert cosine(5, 10, 1.0, 0.0) == pytest.approx(0.5)
     assert cosine(10, 10, 1.0, 0.0, warmup=10) == 1.0  # nothing left to decay over: the span is 1
     assert cosine(11, 10, 1.0, 0.0, warmup=10) == pytest.approx(0.0)
+    assert cosine(-1, 10, 1.0, 0.0) == 1.0  # before the first step, without a warm-up: the start
 
 
 @pytest.mark.parametrize("step", [0, 1, 7, 9])

@@ -82,14 +82,21 @@ class SOPObjective(nn.Module):
         self.cls_bank = MemoryBank(cfg.cls_bank_size, cfg.dim, generator=self.generator)
         self.patch_bank = MemoryBank(cfg.patch_bank_size, cfg.dim, generator=self.generator)
         # Fail at construction, not at the first step, on impossible prototype settings.
-        for bank, anchors, k, keep in (
-            (self.cls_bank, cfg.cls_anchors, cfg.cls_k, cfg.cls_keep_fraction),
-            (self.patch_bank, cfg.patch_anchors, cfg.patch_k, cfg.patch_keep_fraction),
+        for name, bank, anchors, k, keep in (
+            ("cls", self.cls_bank, cfg.cls_anchors, cfg.cls_k, cfg.cls_keep_fraction),
+            ("patch", self.patch_bank, cfg.patch_anchors, cfg.patch_k, cfg.patch_keep_fraction),
         ):
-            probe = bank.embeddings[: max(anchors + k, 1)]
-            build_prototype_tasks(
-                probe, 1, anchors, k, cfg.smoothing, keep, torch.Generator(), cfg.anchor_selection
-            )
+            size = bank.embeddings.shape[0]
+            # the probe below holds anchors + k rows only: the range is checked against the whole memory
+            if not 1 <= anchors <= size:
+                raise ValueError(f"{name}_anchors must be in [1, {name}_bank_size={size}], got {anchors}")
+            probe = bank.embeddings[: anchors + k]
+            try:
+                build_prototype_tasks(
+                    probe, 1, anchors, k, cfg.smoothing, keep, torch.Generator(), cfg.anchor_selection
+                )
+            except ValueError as exc:
+                raise ValueError(f"{name} prototypes: {exc}") from None
 
     def _prototypes(self, bank: MemoryBank, tasks: int, anchors: int, k: int, keep: float) -> Prototypes:
         cfg = self.cfg
