@@ -108,9 +108,9 @@ def test_impossible_settings_fail_at_construction() -> None:
     with pytest.raises(ValueError, match=rf"^cls_anchors must be in \[1, cls_bank_size={size}\], got 100"):
         SOPObjective(SMALL, cls_anchors=100)
     # the construction probe holds anchors + k rows; the message still names the whole memory
-    with pytest.raises(ValueError, match=rf"^patch_anchors must be in \[1, patch_bank_size=\d+\], got 0$"):
+    with pytest.raises(ValueError, match=r"^patch_anchors must be in \[1, patch_bank_size=\d+\], got 0$"):
         SOPObjective(SMALL, patch_anchors=0)
-    with pytest.raises(ValueError, match="^cls prototypes: k must be"):
+    with pytest.raises(ValueError, match=r"^cls prototypes: k must be"):
         SOPObjective(SMALL, cls_k=60)
 
 

@@ -11,7 +11,7 @@ def cosine(
     step: int, total: int, start: float, end: float, warmup: int = 0, warmup_start: float = 0.0
 ) -> float:
     """Linear warm-up from ``warmup_start`` to ``start`` over ``warmup`` steps, then cosine to ``end``."""
-    if 0 < warmup and step < warmup:
+    if warmup > 0 and step < warmup:
         return warmup_start + (start - warmup_start) * step / warmup
     span = max(total - warmup, 1)
     progress = min(max(step - warmup, 0) / span, 1.0)
