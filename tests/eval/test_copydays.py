@@ -172,3 +172,14 @@ def test_default_whitening_is_dinos_uncentred_second_moment() -> None:
     torch.testing.assert_close(proj.abs(), expected.abs(), atol=1e-5, rtol=1e-4)
     _, centred = learn_whitening(feats, centred_covariance=True)
     assert not torch.allclose(centred.abs(), proj.abs(), atol=1e-3)
+
+
+def test_tied_scores_keep_the_database_order() -> None:
+    """Among equal similarities the database order decides (a stable sort), even for long tied runs."""
+    query = torch.tensor([[1.0, 0.0]])
+    # 40 images: the even ones are copies of the query (score 1), the odd ones orthogonal (score 0)
+    database = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(20, 1)
+    for i in range(1, 20):
+        # image 2i is the i-th of the tied best: rank i, AP = (0 + 1 / (i + 1)) / 2
+        got = copy_detection_map(query, database, [[2 * i]], top_k=None)
+        assert got == pytest.approx(100 / (2 * (i + 1))), i

@@ -45,3 +45,23 @@ def test_a_fresh_bank_state_loads_and_pointers_outside_the_bank_are_refused() ->
     for pointer in (4, -1):
         with pytest.raises(ValueError, match="outside"):
             other.set_extra_state({"pointer": pointer, "size": 4, "dim": 2})
+
+
+@pytest.mark.parametrize("same_size", [False, True])
+def test_same_size_is_handed_to_the_gather_of_keys_and_ids(
+    monkeypatch: pytest.MonkeyPatch, same_size: bool
+) -> None:
+    """``same_size=True`` skips the count exchange of both gathers (keys and ids); the default keeps it."""
+    import sopvit.sop.memory_bank as memory_bank_module
+
+    seen: list[bool] = []
+
+    def gather(x: torch.Tensor, same_size: bool = False) -> torch.Tensor:
+        seen.append(same_size)
+        return x
+
+    monkeypatch.setattr(memory_bank_module, "all_gather_rows", gather)
+    bank = MemoryBank(4, 2)
+    bank.enqueue(torch.ones(2, 2), ids=torch.tensor([5, 6]), same_size=same_size)
+    assert seen == [same_size, same_size]
+    assert bank.sample_ids.tolist() == [5, 6, -1, -1]

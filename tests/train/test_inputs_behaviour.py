@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import pytest
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader
 
 from sopvit.config.pretrain import DataConfig
 from sopvit.data import BatchMultiCrop, MultiCropSpec
 from sopvit.data.counter_rng import image_keys, uniforms
 from sopvit.data.seeding import mix_seed
-from sopvit.train.inputs import PretrainInputs, StepPlan, _collate, _PlanSampler, _SeededSamples
+from sopvit.train import inputs as inputs_module
+from sopvit.train.inputs import (
+    PretrainInputs,
+    StepPlan,
+    _collate,
+    _pack_files,
+    _PlanSampler,
+    _SeededSamples,
+    _unpack_files,
+)
 
 FMNIST = DataConfig(
     dataset="fashion_mnist",
@@ -130,3 +145,86 @@ def test_serving_batches_leaves_the_global_rng_alone() -> None:
     state = torch.get_rng_state()
     batches = list(inputs.batches(0, 2, torch.device("cpu")))
     assert len(batches) == 2 and torch.equal(torch.get_rng_state(), state)
+
+
+def test_unpacking_a_workers_packed_files_gives_back_each_files_bytes_index_and_label() -> None:
+    items: list[dict[str, Any]] = [
+        {"data": torch.tensor([1, 2, 3], dtype=torch.uint8), "index": 7, "label": 2},
+        {"data": torch.tensor([9], dtype=torch.uint8), "index": 0, "label": -1},
+    ]
+    unpacked = _unpack_files(_pack_files(items))
+    assert [sorted(u) for u in unpacked] == [["data", "index", "label"]] * 2
+    for u, item in zip(unpacked, items, strict=True):
+        assert torch.equal(u["data"], item["data"]) and u["index"] == item["index"]
+        assert u["label"] == item["label"] and type(u["index"]) is int and type(u["label"]) is int
+
+
+def test_only_the_per_sample_path_transforms_in_the_data_set() -> None:
+    # augment_on=device makes the crops on the device, so its data set serves the stored image as it is.
+    raw = _inputs(batched=True).dataset[3]
+    assert torch.equal(raw["image"], _inputs(batched=True).dataset.images[3])  # type: ignore[attr-defined]
+    crops = _inputs(batched=False).dataset[3]["image"]
+    assert isinstance(crops, list) and len(crops) == 5  # 2 global + 3 local views
+
+
+def _folder(root: Path, n: int) -> Path:
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        pixels = (torch.rand(12, 10, 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(pixels).save(root / f"{i:02d}.jpg", quality=90)
+    return root
+
+
+class _LoaderSpy:
+    """Stands in for the DataLoader the inputs build: records its keyword arguments, then builds the real
+    one in-process (the worker count asked for is what is checked)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.kwargs: list[dict[str, Any]] = []
+        spy = self
+
+        class Loader(DataLoader[Any]):
+            def __init__(self, dataset: Any, **kwargs: Any) -> None:
+                spy.kwargs.append(dict(kwargs))
+                super().__init__(dataset, **{**kwargs, "num_workers": 0})
+
+        monkeypatch.setattr(inputs_module, "DataLoader", Loader)
+
+
+def test_a_limited_folder_on_the_device_path_reads_its_files_with_the_configured_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = DataConfig(
+        dataset="folder",
+        path=str(_folder(tmp_path, 6)),
+        global_size=16,
+        local_size=8,
+        n_locals=1,
+        augment_on="device",
+        num_workers=2,
+        limit=4,  # wraps the folder in a Subset: the device path reads the folder underneath
+    )
+    inputs = PretrainInputs(cfg, patch_size=4, batch_size=2, world=1, rank=0, seed=5)
+    assert len(inputs.dataset) == 4  # type: ignore[arg-type]
+    spy = _LoaderSpy(monkeypatch)
+    state = torch.get_rng_state()
+    batches = list(inputs.batches(0, 3, torch.device("cpu")))
+    # The loader seeds itself from its own generator, not from the global RNG (which drop path draws).
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [b.ids.tolist() for b in batches] == [inputs.plan.indices(m).tolist() for m in range(3)]
+    assert all(0 <= i < 4 for b in batches for i in b.ids.tolist())
+    assert [c.shape for c in batches[0].crops] == [(2, 3, 16, 16)] * 2 + [(2, 3, 8, 8)]
+    assert len(spy.kwargs) == 1 and spy.kwargs[0]["num_workers"] == 2
+    assert not spy.kwargs[0].get("pin_memory") and not spy.kwargs[0].get("persistent_workers")
+
+
+def test_the_per_sample_path_uses_the_configured_workers_and_pins_no_memory_on_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = DataConfig(**{**FMNIST.__dict__, "num_workers": 3})
+    inputs = PretrainInputs(cfg, patch_size=4, batch_size=8, world=1, rank=0, seed=3)
+    spy = _LoaderSpy(monkeypatch)
+    assert len(list(inputs.batches(0, 1, torch.device("cpu")))) == 1
+    assert len(spy.kwargs) == 1 and spy.kwargs[0]["num_workers"] == 3
+    # Pinned host memory only serves copies to a GPU.
+    assert not spy.kwargs[0].get("pin_memory") and not spy.kwargs[0].get("persistent_workers")

@@ -269,3 +269,41 @@ def test_a_fractional_epoch_count_ends_the_schedules_part_way_through_an_epoch(t
     trainer = Trainer(tiny_config(tmp_path, "train.epochs=1.5"))  # 128 images / 16 = 8 steps an epoch
     assert trainer.total_steps == trainer.stop_step == 12
     assert trainer.schedules.at(11).lr < trainer.schedules.at(6).lr  # the cosine spans the 12 steps
+
+
+def test_a_run_shorter_than_one_step_still_trains_one_uncompiled_unfrozen(tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(tmp_path, "train.epochs=0.05"))  # 0.05 x 8 steps rounds to 0
+    assert trainer.total_steps == trainer.stop_step == 1
+    # compile defaults to off: the step calls the student itself
+    assert trainer.student is trainer.model.student and trainer.ctx.student is trainer.model.student
+    assert trainer.ctx.freeze_last_layer_steps == 0  # only DINO-family heads freeze their last layer
+
+
+def test_fit_counts_images_per_step_and_the_files_decoded_on_the_cpu_over_all_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    per_step: list[int] = []
+
+    class Spy(trainer_module.Monitor):
+        def __init__(self, run_dir: Path, total: int, start: int, images_per_step: int, *rest: Any) -> None:
+            per_step.append(images_per_step)
+            super().__init__(run_dir, total, start, images_per_step, *rest)
+
+    monkeypatch.setattr(trainer_module, "Monitor", Spy)
+    trainer = Trainer(tiny_config(tmp_path, "train.accum_steps=2", "train.max_steps=2"))
+    trainer.world = 2  # as on 2 ranks: fit reads the world size only to count images per step
+
+    def cpu_decoded(m: int, batch: Any) -> None:
+        batch.cpu_decoded = m + 1  # micro-batches 0..3: 1 + 2 + 3 + 4 files
+
+    edit_batches(trainer, cpu_decoded)
+    caplog.set_level("INFO", logger="sopvit.train.trainer")
+    assert trainer.fit()
+    assert per_step == [16 * 2 * 2]  # batch size x world x accumulation steps
+    assert [r.getMessage() for r in caplog.records if "not JPEG" in r.getMessage()] == [
+        "10 image file(s) were not JPEG and were decoded on the CPU"
+    ]
+    caplog.clear()
+    # Nothing left to run: no row, and no file decoded on the CPU to report.
+    assert trainer.fit() == {}
+    assert not [r for r in caplog.records if "not JPEG" in r.getMessage()]
