@@ -112,6 +112,10 @@ def test_impossible_settings_fail_at_construction() -> None:
         SOPObjective(SMALL, patch_anchors=0)
     with pytest.raises(ValueError, match=r"^cls prototypes: k must be"):
         SOPObjective(SMALL, cls_k=60)
+    # one anchor is in range (the keep fraction then refuses it), and so is a memory that is all anchors
+    with pytest.raises(ValueError, match=r"^cls prototypes: keep_fraction"):
+        SOPObjective(SMALL, cls_anchors=1)
+    SOPObjective(SMALL, patch_anchors=SMALL.patch_bank_size, patch_k=0, patch_keep_fraction=1.0)
 
 
 def test_shape_mismatches_raise() -> None:

@@ -50,3 +50,10 @@ def test_schedule_bundle_mid_run() -> None:
         Schedules(100, 1e-3, 1e-6, 10, 0.04, 0.4, 0.996, 1.0, 0.07, 0.04, 30, 0.05).at(5).patch_teacher_temp
         == 0.05
     )
+
+
+def test_a_one_step_warmup_starts_at_its_start_and_the_warmup_ends_exactly_at_the_peak() -> None:
+    assert cosine(0, 10, 1.0, 0.0, warmup=1, warmup_start=0.25) == 0.25
+    # the first step after the warm-up is the cosine's start itself, not the warm-up line's rounding of it
+    assert 0.2 + (0.9 - 0.2) * 10 / 10 != 0.9
+    assert cosine(10, 100, 0.9, 0.0, warmup=10, warmup_start=0.2) == 0.9
