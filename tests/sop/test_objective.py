@@ -27,6 +27,37 @@ def _batch(b: int = 3, crops: int = 4, length: int = 5, seed: int = 0) -> dict[s
     }
 
 
+def composed_losses(
+    cls_bank: torch.Tensor,
+    patch_bank: torch.Tensor,
+    gen: torch.Generator,
+    batch: dict[str, torch.Tensor],
+    teacher_temp: float,
+    patch_teacher_temp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SMALL's [CLS] and patch losses from the public single-task functions, applied task by task with the
+    dense contribution matrix Y, on prototypes drawn from the memories with ``gen``."""
+    c = build_prototype_tasks(cls_bank, 2, 8, 2, 0.1, 0.5, gen)
+    p = build_prototype_tasks(patch_bank, 1, 6, 0, 0.1, 1.0, gen)
+
+    def task(t: int) -> Prototypes:
+        return Prototypes(*(getattr(c, f.name)[t] for f in fields(Prototypes)))
+
+    b = batch["teacher_cls"].shape[0] // 2
+    per_task = []
+    for t in range(2):
+        s = assign(batch["student_cls"], task(t), 0.1)
+        q = assign(batch["teacher_cls"], task(t), teacher_temp)  # [CLS] targets at the teacher temperature
+        per_task.append(cross_view_loss(list(s.split(b)), list(q.split(b))))
+    sp = batch["student_patch"] @ p.supports[0].T / 0.1
+    tp = batch["teacher_patch"] @ p.supports[0].T / patch_teacher_temp
+    # per image: the mean over its masked tokens; then the mean over all images
+    patch = masked_patch_loss(
+        sp.softmax(-1) @ p.contributions[0], tp.softmax(-1) @ p.contributions[0], batch["masks"]
+    )
+    return torch.stack(per_task).mean(), patch
+
+
 def test_loss_equals_the_composition_of_the_public_functions() -> None:
     objective = SOPObjective(SMALL)
     gen = torch.Generator()
@@ -35,24 +66,7 @@ def test_loss_equals_the_composition_of_the_public_functions() -> None:
     batch = _batch()
     loss, metrics = objective(**batch, teacher_temp=0.04, patch_teacher_temp=0.07)
 
-    c = build_prototype_tasks(cls_bank, 2, 8, 2, 0.1, 0.5, gen)
-    p = build_prototype_tasks(patch_bank, 1, 6, 0, 0.1, 1.0, gen)
-
-    def task(t: int) -> Prototypes:
-        return Prototypes(*(getattr(c, f.name)[t] for f in fields(Prototypes)))
-
-    # The public single-task functions, applied task by task, with the dense contribution matrix Y.
-    per_task = []
-    for t in range(2):
-        s = assign(batch["student_cls"], task(t), 0.1)
-        q = assign(batch["teacher_cls"], task(t), 0.04)
-        per_task.append(cross_view_loss(list(s.split(3)), list(q.split(3))))
-    expected_cls = torch.stack(per_task).mean()
-    sp = batch["student_patch"] @ p.supports[0].T / 0.1
-    tp = batch["teacher_patch"] @ p.supports[0].T / 0.07
-    expected_patch = masked_patch_loss(
-        sp.softmax(-1) @ p.contributions[0], tp.softmax(-1) @ p.contributions[0], batch["masks"]
-    )
+    expected_cls, expected_patch = composed_losses(cls_bank, patch_bank, gen, batch, 0.04, 0.07)
 
     torch.testing.assert_close(metrics["loss_cls"], expected_cls)
     torch.testing.assert_close(metrics["loss_patch"], expected_patch)

@@ -7,17 +7,14 @@ update the memories hold the second view's [CLS] and key tokens with the data-se
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import pytest
 import torch
 
 import sopvit.sop.memory_bank as memory_bank_module
-from sopvit import SOPObjective, assign, cross_view_loss, masked_patch_loss
+from sopvit import SOPObjective
 from sopvit.methods.interface import StudentOutputs, TeacherOutputs, TokenPlan
-from sopvit.sop import Prototypes, build_prototype_tasks
 from sopvit.train.schedules import ScheduleValues
-from tests.sop.test_objective import SMALL, _batch
+from tests.sop.test_objective import SMALL, _batch, composed_losses
 
 B, LENGTH = 3, 5  # 2B = 6 images of 5 tokens: B, 2B and L all differ
 
@@ -94,24 +91,7 @@ def test_compute_loss_is_the_composition_of_the_public_functions() -> None:
     student, teacher = _outputs(objective, batch, torch.tensor([4, 5, 6]))
     loss, metrics = objective.compute_loss(student, teacher, _values(0.04, 0.07))
 
-    c = build_prototype_tasks(cls_bank, 2, 8, 2, 0.1, 0.5, gen)
-    p = build_prototype_tasks(patch_bank, 1, 6, 0, 0.1, 1.0, gen)
-
-    def task(t: int) -> Prototypes:
-        return Prototypes(*(getattr(c, f.name)[t] for f in fields(Prototypes)))
-
-    per_task = []
-    for t in range(2):
-        s = assign(batch["student_cls"], task(t), 0.1)
-        q = assign(batch["teacher_cls"], task(t), 0.04)  # [CLS] targets at the teacher temperature
-        per_task.append(cross_view_loss(list(s.split(B)), list(q.split(B))))
-    expected_cls = torch.stack(per_task).mean()
-    sp = batch["student_patch"] @ p.supports[0].T / 0.1
-    tp = batch["teacher_patch"] @ p.supports[0].T / 0.07  # patch targets at the patch teacher temperature
-    # per image: mean over its masked tokens; then the mean over all 2B images (image 2 has none)
-    expected_patch = masked_patch_loss(
-        sp.softmax(-1) @ p.contributions[0], tp.softmax(-1) @ p.contributions[0], batch["masks"]
-    )
+    expected_cls, expected_patch = composed_losses(cls_bank, patch_bank, gen, batch, 0.04, 0.07)
 
     torch.testing.assert_close(metrics["loss_cls"], expected_cls)
     torch.testing.assert_close(metrics["loss_patch"], expected_patch)
