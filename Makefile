@@ -32,6 +32,7 @@ test: install data browser
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: install
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check src tests benchmarks tools hubconf.py
 	$(VENV)/bin/ruff format --check src tests benchmarks tools hubconf.py
 

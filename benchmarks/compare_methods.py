@@ -38,12 +38,12 @@ def step_ms(methods: list[str], steps: int = 30) -> dict[str, float]:
     """Median ms of one training step of each method's recipe, two rounds in mirrored order."""
     from sopvit.bench import time_steps
     from sopvit.config import load_config
-    from sopvit.config.pretrain import PretrainConfig
+    from sopvit.recipe.config import pretrain_config_type
 
     times: dict[str, list[float]] = {m: [] for m in methods}
     for order in (methods, methods[::-1]):
         for method in order:
-            cfg = load_config(PretrainConfig, RECIPES[method], ["run.progress=false"])
+            cfg = load_config(pretrain_config_type(), RECIPES[method], ["run.progress=false"])
             times[method].append(time_steps(cfg, warmup=5, steps=steps)["method_ms_per_step"])
     return {m: statistics.mean(v) for m, v in times.items()}
 
@@ -51,7 +51,7 @@ def step_ms(methods: list[str], steps: int = 30) -> dict[str, float]:
 def pretrain(method: str, seed: int, epochs: float | None, run_dir: Path) -> float:
     """Pre-train one run (resumes an interrupted one); returns the seconds this call trained."""
     from sopvit.config import load_config
-    from sopvit.config.pretrain import PretrainConfig
+    from sopvit.recipe.config import pretrain_config_type
     from sopvit.train.trainer import Trainer
 
     overrides = [f"train.seed={seed}", f"run.output_dir={run_dir}", "run.progress=false"]
@@ -59,7 +59,7 @@ def pretrain(method: str, seed: int, epochs: float | None, run_dir: Path) -> flo
         overrides.append(f"sop.seed={seed}")
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
-    trainer = Trainer(load_config(PretrainConfig, RECIPES[method], overrides))
+    trainer = Trainer(load_config(pretrain_config_type(), RECIPES[method], overrides))
     start = time.perf_counter()
     trainer.fit()
     return time.perf_counter() - start

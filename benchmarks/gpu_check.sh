@@ -9,7 +9,7 @@ exec > >(tee "$out/log.txt") 2>&1
 nvidia-smi --query-gpu=name,memory.total --format=csv
 # 1. The CUDA-only tests: device decode, device multi-crop, block masks, cuda vs cpu device path.
 python -m pytest -q -rs tests/data/test_decode.py tests/data/test_batched.py tests/data/test_masking_vectorised.py \
-  tests/train/test_device_inputs.py -k "cuda" || echo "CUDA TESTS FAILED"
+  tests/data/test_pipeline_device.py -k "cuda" || echo "CUDA TESTS FAILED"
 # 2. The input pipeline on the card: both paths, 15 workers (one core left for the main process).
 python benchmarks/input_pipeline.py --device cuda --workers 15 --batches 20 --batch 128 --json "$out/input.json"
 # 3. The step rows still missing (issue 5) and the input rate beside them (input-bound or not).

@@ -32,11 +32,11 @@ def host_share(recipe: str, folder: Path, batches: int, batch: int) -> float:
     bytes, pack them for hand-over, derive the image keys, every crop's parameters and the masks. Kernel
     launches (about 200 per batch) are not included."""
     from sopvit.config import load_config
-    from sopvit.config.pretrain import PretrainConfig
     from sopvit.data.batched import BatchMultiCrop
     from sopvit.data.counter_rng import image_keys
     from sopvit.data.decode import FileBytesDataset
-    from sopvit.train.inputs import PretrainInputs, _pack_files, _unpack_files
+    from sopvit.data.pipeline import PretrainInputs, _pack_files, _unpack_files
+    from sopvit.recipe.config import pretrain_config_type
 
     overrides = [
         f"data.path={folder}",
@@ -44,7 +44,7 @@ def host_share(recipe: str, folder: Path, batches: int, batch: int) -> float:
         "data.augment_on=device",
         f"train.batch_size={batch}",
     ]
-    cfg = load_config(PretrainConfig, recipe, overrides)
+    cfg = load_config(pretrain_config_type(), recipe, overrides)
     inputs = PretrainInputs(cfg.data, cfg.model.patch_size or 16, batch, 1, 0, cfg.train.seed)
     files = FileBytesDataset(inputs.dataset)  # type: ignore[arg-type]
     augment = BatchMultiCrop(inputs.spec)
@@ -74,7 +74,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from sopvit.bench import device_name, time_inputs
     from sopvit.config import load_config
-    from sopvit.config.pretrain import PretrainConfig
+    from sopvit.recipe.config import pretrain_config_type
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -88,7 +88,7 @@ def main() -> int:
                         f"train.batch_size={args.batch}",
                         f"train.device={device}",
                     ]
-                    cfg = load_config(PretrainConfig, args.recipe, overrides)
+                    cfg = load_config(pretrain_config_type(), args.recipe, overrides)
                     result = time_inputs(cfg, args.batches, Path(scratch))
                     row = {
                         "device": device_name(torch.device(device)),

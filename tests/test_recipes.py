@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from sopvit.config import load_config, recipe_header
-from sopvit.config.pretrain import PretrainConfig
 from sopvit.eval import get_evaluator, load_protocols
 from sopvit.models import ARCHS
+from sopvit.recipe.config import pretrain_config_type
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "pretrain").glob("*.yaml"))
 
@@ -26,7 +26,7 @@ def test_there_are_recipes() -> None:
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_loads_and_documents_itself(path: Path) -> None:
-    cfg = load_config(PretrainConfig, path, ["data.path=/data/imagenet"])
+    cfg = load_config(pretrain_config_type(), path, ["data.path=/data/imagenet"])
     assert cfg.model.arch in ARCHS
     header = recipe_header(path)
     for field in ("command:", "hardware:", "time:", "expected:"):

@@ -49,8 +49,8 @@ EQUIVALENT_FILE = ROOT / "tools" / "equivalent_mutants.txt"
 # Mutant names are "<module>.<mangled function>__mutmut_<n>", the function mangled as x_<name> or
 # xǁ<Class>ǁ<name>.
 PACKAGES: dict[str, tuple[str, ...]] = {
-    "sop": ("sopvit.sop.*",),
-    "train": ("sopvit.train.*",),
+    "methods": ("sopvit.methods.sop.*", "sopvit.methods.distill.*"),
+    "train": ("sopvit.train.*", "sopvit.optim.*", "sopvit.checkpoints.checkpoint.*"),
     "data": ("sopvit.data.*",),
     "eval-metrics": (
         "sopvit.eval.knn.x_knn_accuracy__mutmut_*",
@@ -66,14 +66,14 @@ PACKAGES: dict[str, tuple[str, ...]] = {
 }
 # The tests that judge each package's mutants (node-id prefixes).
 TESTS_FOR: dict[str, tuple[str, ...]] = {
-    "sop": ("tests/sop/",),
-    "train": ("tests/train/",),
+    "methods": ("tests/methods/",),
+    "train": ("tests/train/", "tests/optim/", "tests/checkpoints/"),
     "data": ("tests/data/",),
     "eval-metrics": ("tests/eval/",),
 }
 # Seconds of tests per mutant (fastest first). train/ gets more: its behaviour tests each build a tiny
 # Trainer, and the end-to-end resume tests that pin the checkpoint contents take 0.2-0.6 s each.
-BUDGET_FOR: dict[str, float] = {"sop": 5.0, "train": 20.0, "data": 5.0, "eval-metrics": 5.0}
+BUDGET_FOR: dict[str, float] = {"methods": 5.0, "train": 20.0, "data": 5.0, "eval-metrics": 5.0}
 # A second pass, after the run: surviving mutants of the listed functions meet more of ``make test``.
 # * The 2-rank tests run their ranks in subprocesses, which mutmut's in-process map of tests to functions
 #   never sees: a mutant only they can kill (DDP wrapping and its no_sync, the world factor of the global
@@ -83,19 +83,25 @@ BUDGET_FOR: dict[str, float] = {"sop": 5.0, "train": 20.0, "data": 5.0, "eval-me
 RECHECKS: dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "train": [
         (
-            ("sopvit.train.*",),
+            ("sopvit.train.*", "sopvit.optim.*", "sopvit.checkpoints.checkpoint.*"),
             (
                 "tests/train/test_step_accumulation.py",
                 "tests/train/test_trainer_behaviour.py",
                 "tests/train/test_step_behaviour.py",
                 "tests/train/test_monitor_behaviour.py",
-                "tests/train/test_inputs_behaviour.py",
-                "tests/train/test_checkpoint_behaviour.py",
+                "tests/checkpoints/test_checkpoint_behaviour.py",
             ),
         ),
         (
             ("sopvit.train.trainer.xǁTrainerǁ__init____mutmut_*", "sopvit.train.step.x_train_step__mutmut_*"),
             ("tests/train/test_distributed_train.py::test_two_ranks_match_one_process",),
+        ),
+    ],
+    # the input pipeline's behaviour tests each build a tiny run, as train/'s do
+    "data": [
+        (
+            ("sopvit.data.pipeline.*", "sopvit.data.prefetch.*"),
+            ("tests/data/test_pipeline_behaviour.py", "tests/data/test_prefetch_behaviour.py"),
         ),
     ],
 }

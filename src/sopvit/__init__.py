@@ -1,17 +1,44 @@
-"""sopvit: Self-Organizing Visual Prototypes (ICML 2025) for self-supervised vision transformers."""
+"""sopvit: Self-Organizing Visual Prototypes (ICML 2025) for self-supervised vision transformers.
 
-from sopvit.models import Backbone
-from sopvit.sop import (
-    MemoryBank,
-    SOPConfig,
-    SOPObjective,
-    assign,
-    build_prototypes,
-    cross_view_loss,
-    masked_patch_loss,
-)
+Nothing is imported eagerly: ``import sopvit.models`` loads the backbones and nothing of training. The
+names below resolve on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Backbone": "sopvit.models",
+    "MemoryBank": "sopvit.methods.sop",
+    "SOPConfig": "sopvit.methods.sop",
+    "SOPObjective": "sopvit.methods.sop",
+    "assign": "sopvit.methods.sop",
+    "build_prototypes": "sopvit.methods.sop",
+    "cross_view_loss": "sopvit.methods.sop",
+    "masked_patch_loss": "sopvit.methods.sop",
+}
+
+if TYPE_CHECKING:
+    from sopvit.methods.sop import (
+        MemoryBank,
+        SOPConfig,
+        SOPObjective,
+        assign,
+        build_prototypes,
+        cross_view_loss,
+        masked_patch_loss,
+    )
+    from sopvit.models import Backbone
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sopvit' has no attribute {name!r}")
 
 
 def load_pretrained(path: str) -> Backbone:
@@ -22,6 +49,7 @@ def load_pretrained(path: str) -> Backbone:
 
 
 __all__ = [
+    "Backbone",
     "MemoryBank",
     "SOPConfig",
     "SOPObjective",

@@ -24,14 +24,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from sopvit.config.pretrain import PretrainConfig
+from sopvit.data.pipeline import Batch, PretrainInputs
 from sopvit.device import autocast_dtype, resolve_device, synchronize
-from sopvit.methods.interface import StudentOutputs, TeacherOutputs, TokenPlan
-from sopvit.methods.registry import build_objective
-from sopvit.models import build_model
-from sopvit.train.inputs import Batch, PretrainInputs
-from sopvit.train.optim import build_optimizer, set_schedule
-from sopvit.train.schedules import ScheduleValues
+from sopvit.methods import get_method, method_names
+from sopvit.methods.interface import ScheduleValues, StudentOutputs, TeacherOutputs, TokenPlan
+from sopvit.optim.groups import build_optimizer, set_schedule
+from sopvit.recipe.build import build_model, build_objective
+from sopvit.recipe.config import PretrainConfig
 from sopvit.train.step import StepContext, train_step
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; pass --peak-tflops for anything else.
@@ -43,7 +42,7 @@ class TrivialObjective(nn.Module):
 
     def __init__(self, like: Any) -> None:
         super().__init__()
-        self.masks_student, self.head_prototypes = like.masks_student, like.head_prototypes
+        self.masks_student = like.masks_student
         self.like = like  # the same tokens go through the head as with the method
 
     def plan_tokens(self, masks: torch.Tensor) -> TokenPlan:
@@ -263,7 +262,8 @@ def run_benchmark(
 
 
 def format_table(r: dict[str, Any]) -> str:
-    m = {"sop": "SOP", "ibot": "iBOT", "dino": "DINO"}.get(r.get("method", "sop"), r.get("method", "sop"))
+    name = r.get("method", "sop")
+    m = get_method(name).display_name if name in method_names() else name
     rows = [
         ("device", r["device"]),
         ("torch", r["torch"]),

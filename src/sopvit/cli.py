@@ -15,16 +15,16 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from sopvit.checkpoints.checkpoint import CheckpointError
 from sopvit.config import ConfigError, load_config
-from sopvit.config.pretrain import PretrainConfig
-from sopvit.train.checkpoint import CheckpointError
+from sopvit.recipe.config import pretrain_config_type
 from sopvit.train.step import NonFiniteLossError
 
 
 def _pretrain(args: argparse.Namespace) -> int:
     from sopvit.train.trainer import Trainer
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    cfg = load_config(pretrain_config_type(), args.config, args.overrides)
     row = Trainer(cfg).fit()
     print({k: round(v, 5) for k, v in row.items()})
     return 0
@@ -46,10 +46,12 @@ def _bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         # Without data.path, image-folder recipes time decoding on synthetic JPEGs written here.
         given = any(o.startswith("data.path=") for o in args.overrides)
-        dataset = load_config(PretrainConfig, args.config, ["data.path=-", *args.overrides]).data.dataset
+        dataset = load_config(
+            pretrain_config_type(), args.config, ["data.path=-", *args.overrides]
+        ).data.dataset
         jpegs = [] if given or dataset not in ("folder", "imagenet") else [f"data.path={scratch}/jpegs"]
         overrides = ["run.tensorboard=false", "run.progress=false", *jpegs, *args.overrides]
-        cfg = load_config(PretrainConfig, args.config, overrides)
+        cfg = load_config(pretrain_config_type(), args.config, overrides)
         result = run_benchmark(
             cfg, args.warmup, args.steps, args.input_batches, args.peak_tflops, Path(scratch)
         )

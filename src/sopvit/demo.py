@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from sopvit.config import load_config
-from sopvit.config.pretrain import PretrainConfig
 from sopvit.data.fashion_mnist import load_fashion_mnist
 from sopvit.eval.knn import knn_accuracy
-from sopvit.eval.online import knn_of_backbone
+from sopvit.recipe.config import pretrain_config_type
+from sopvit.train.online_knn import knn_of_backbone
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "fashion_mnist_cpu.yaml"
 
@@ -62,7 +62,7 @@ def run_demo(overrides: Sequence[str] = ()) -> dict[str, float]:
     if not RECIPE.is_file():
         raise FileNotFoundError(f"the demo recipe {RECIPE} is missing; run the demo from a clone of sopvit")
     cfg = load_config(
-        PretrainConfig, RECIPE, ["run.knn_dataset=fashion_mnist", "run.knn_limit=null", *overrides]
+        pretrain_config_type(), RECIPE, ["run.knn_dataset=fashion_mnist", "run.knn_limit=null", *overrides]
     )
     start = time.perf_counter()
     trainer = Trainer(cfg)

@@ -31,6 +31,7 @@ from sopvit.data.crop_params import (
     resized_crop_boxes,
     sample_crop_params,
 )
+from sopvit.data.eval_transforms import SupervisedTrainTransform, TimmRandAugment, _posterize
 from sopvit.data.fast_kernels import (
     FastHueColorJitter,
     SeparableGaussianBlur,
@@ -39,7 +40,6 @@ from sopvit.data.fast_kernels import (
 )
 from sopvit.data.masking import default_max_blocks
 from sopvit.data.photometric import apply_photometric
-from sopvit.data.transforms import SupervisedTrainTransform, TimmRandAugment, _posterize
 
 META = torch.device("meta")
 # Every op off, identity normalisation: apply_photometric returns its input unless a test switches an op on.

@@ -25,7 +25,7 @@ from torchvision.io import decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
 import sopvit.data.decode as decode_mod
-from sopvit.data.decode import BatchDecoder, FileBytesDataset, _jpeg_plan, collate_items
+from sopvit.data.decode import BatchDecoder, FileBytesDataset, _jpeg_plan
 from sopvit.data.image_folder import ImageFolderDataset, _decode
 
 CPU = torch.device("cpu")
@@ -115,7 +115,7 @@ def test_file_bytes_dataset_returns_raw_bytes(root: Path, tmp_path: Path) -> Non
     assert data[-1]["index"] == len(data) - 1
     with pytest.raises(IndexError):
         data[len(data)]
-    batch = next(iter(DataLoader(data, batch_size=4, collate_fn=collate_items)))
+    batch = next(iter(DataLoader(data, batch_size=4, collate_fn=list)))
     assert [item["index"] for item in batch] == [0, 1, 2, 3]
     # A file that vanished after the scan reads as no bytes.
     (tmp_path / "x.png").write_bytes((root / "b/rgb.png").read_bytes())

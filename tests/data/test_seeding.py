@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from sopvit.data.datasets import build_dataset
+from sopvit.data.eval_transforms import SupervisedTrainTransform
 from sopvit.data.seeding import SeededSamples, mix_seed
-from sopvit.data.transforms import SupervisedTrainTransform
 from sopvit.eval.finetune import FinetuneConfig, run
 from sopvit.models import create_backbone
 

@@ -13,13 +13,14 @@ from torchvision.transforms.v2 import functional as TF
 
 from sopvit.data import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropSpec, MultiCropTransform
 from sopvit.data import transforms as transforms_module
+from sopvit.data.eval_transforms import SupervisedTrainTransform
 from sopvit.data.fast_kernels import (
     FastHueColorJitter,
     SeparableGaussianBlur,
     adjust_hue_uint8,
     gaussian_blur_uint8,
 )
-from sopvit.data.transforms import SupervisedTrainTransform, to_uint8_chw
+from sopvit.data.transforms import to_uint8_chw
 
 SMALL = {"global_size": 32, "local_size": 16, "n_locals": 2}
 GRAY_MEAN, GRAY_STD = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3

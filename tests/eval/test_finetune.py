@@ -11,7 +11,7 @@ from timm.layers import DropPath
 from torchvision.transforms import v2
 
 from sopvit.config import ConfigError
-from sopvit.data.transforms import EvalTransform, SupervisedTrainTransform, TimmRandAugment
+from sopvit.data.eval_transforms import EvalTransform, SupervisedTrainTransform, TimmRandAugment
 from sopvit.eval import finetune
 from sopvit.eval.finetune import FinetuneConfig, run
 from sopvit.eval.finetune_model import Classifier, param_groups, set_drop_path

@@ -21,8 +21,8 @@ from timm.data.random_erasing import RandomErasing
 from torch import Tensor
 from torchvision.transforms import v2
 
+from sopvit.data.eval_transforms import TimmRandAugment
 from sopvit.data.fashion_mnist import load_fashion_mnist
-from sopvit.data.transforms import TimmRandAugment
 from sopvit.eval import finetune
 from tests.eval.supervised_observe import (
     NO_ERASING,

@@ -17,8 +17,8 @@ from timm.data.random_erasing import RandomErasing
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
+from sopvit.data.eval_transforms import TimmRandAugment
 from sopvit.data.fashion_mnist import load_fashion_mnist
-from sopvit.data.transforms import TimmRandAugment
 from sopvit.eval import semisup
 from sopvit.models import Encoder, ProjectionHead
 from tests.eval.supervised_observe import (

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-import sopvit.train.checkpoint as ckpt
+import sopvit.checkpoints.checkpoint as ckpt
+from sopvit.checkpoints.checkpoint import load_checkpoint
 from sopvit.cli import main
-from sopvit.train.checkpoint import load_checkpoint
 from tests.train.tiny import TINY
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sopvit.train.checkpoint import load_checkpoint
+from sopvit.checkpoints.checkpoint import load_checkpoint
 from tests.train.tiny import TINY
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SOPVIT_DIST_TIMEOUT": "60"}

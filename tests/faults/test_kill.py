@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sopvit.train.checkpoint import load_checkpoint
+from sopvit.checkpoints.checkpoint import load_checkpoint
 from tests.train.test_end_to_end import _assert_same_run
 from tests.train.tiny import TINY
 
@@ -76,7 +76,7 @@ def test_random_sigkills_then_resume_equal_an_uninterrupted_run(tmp_path: Path) 
 
 KILL_DURING_WRITE = """
 import os, signal, sys
-import sopvit.train.checkpoint as ckpt
+import sopvit.checkpoints.checkpoint as ckpt
 writes = [0]
 real_replace = os.replace
 def dying_replace(src, dst):

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 
+from sopvit.checkpoints.checkpoint import FORMAT_VERSION, load_checkpoint
+from sopvit.checkpoints.safe_load import UnsafeFileError
 from sopvit.cli import main
 from sopvit.eval.retrieval import load_gnd
 from sopvit.export import export, load_pretrained, load_reference_checkpoint
 from sopvit.models import Backbone
-from sopvit.safe_load import UnsafeFileError
-from sopvit.train.checkpoint import FORMAT_VERSION, load_checkpoint
 from sopvit.train.trainer import Trainer
 from tests.export.test_export import features, images, reference_dict
 from tests.train.tiny import TINY, tiny_config, tiny_run, tiny_teacher

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sopvit.checkpoints.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
 from sopvit.cli import main
-from sopvit.train.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
 from tests.train.tiny import TINY
 
 

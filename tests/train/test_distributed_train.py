@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sopvit.train.checkpoint import load_checkpoint
+from sopvit.checkpoints.checkpoint import load_checkpoint
 from tests.train.tiny import TINY
 
 # Augmentation and masks are seeded by (seed, epoch, image) on both paths, anchors by a generator every rank

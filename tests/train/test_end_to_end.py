@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sopvit.checkpoints.checkpoint import CheckpointError, load_checkpoint
 from sopvit.cli import main
-from sopvit.config.pretrain import PretrainConfig
-from sopvit.eval.online import knn_of_backbone
-from sopvit.train.checkpoint import CheckpointError, load_checkpoint
+from sopvit.recipe.config import PretrainConfig
+from sopvit.train.online_knn import knn_of_backbone
 from sopvit.train.step import NonFiniteLossError
 from sopvit.train.trainer import Trainer
 from tests.train.tiny import poison, tiny_config

@@ -4,7 +4,7 @@ Each entry trains the tiny run for two steps with one option changed and compare
 teacher and memories with the same run at the tiny defaults: an option that must matter has to change
 them (an option the code ignored, or read from the wrong field, fails here), an option that must not
 matter (workers, logging, where files go) has to leave them identical to the bit. What each option does
-is pinned by the behaviour tests (test_step_behaviour.py, tests/sop, tests/data); this file makes sure
+is pinned by the behaviour tests (test_step_behaviour.py, tests/methods/sop, tests/data); this file makes sure
 none is silently dropped, and the completeness test makes every future option join the table.
 """
 
@@ -19,10 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sopvit.config.pretrain import PretrainConfig
-from sopvit.train.checkpoint import load_checkpoint
+from sopvit.checkpoints.checkpoint import load_checkpoint
+from sopvit.config import ConfigError, load_config
+from sopvit.recipe.config import pretrain_config_type
 from sopvit.train.trainer import Trainer
-from tests.train.tiny import tiny_config
+from tests.train.tiny import TINY, tiny_config
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 STEPS = "train.max_steps=2"
@@ -227,7 +228,7 @@ def test_online_knn_value_depends_on_the_knn_options(tmp_path: Path) -> None:
 
 def test_every_option_is_in_a_table() -> None:
     listed = {c[0] for c in CHANGES} | {s[0] for s in SAME} | set(ELSEWHERE)
-    sections = [s for s in dataclasses.fields(PretrainConfig) if s.name != "method"]
+    sections = [s for s in dataclasses.fields(pretrain_config_type()) if s.name != "method"]
     options = {"method"} | {
         f"{section.name}.{f.name}"
         for section in sections
@@ -240,4 +241,30 @@ def test_every_option_is_in_a_table() -> None:
 
 
 def _section_type(name: str) -> Any:
-    return type(getattr(PretrainConfig(), name))
+    return type(getattr(pretrain_config_type()(), name))
+
+
+def test_the_prototype_dimension_follows_the_head(tmp_path: Path) -> None:
+    tiny = [o for o in TINY if not o.startswith("sop.dim=")]
+    cfg = load_config(
+        pretrain_config_type(), None, [*tiny, "train.max_steps=1", f"run.output_dir={tmp_path}"]
+    )
+    assert cfg.method == "sop" and cfg.method_config.dim is None and cfg.model.head_bottleneck_dim == 32
+    trainer = Trainer(cfg)
+    assert (
+        trainer.objective.cls_bank.embeddings.shape[1]
+        == trainer.objective.patch_bank.embeddings.shape[1]
+        == 32
+    )
+    trainer.fit()
+    assert trainer.step == 1
+
+
+def test_a_prototype_dimension_other_than_the_heads_names_both_values_and_the_fix() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(pretrain_config_type(), None, [*TINY, "sop.dim=64"])
+    assert err.value.key == "sop.dim"
+    assert str(err.value) == (
+        "sop.dim: 64 differs from model.head_bottleneck_dim=32 (the head's output width): drop sop.dim, "
+        "which follows the head, or set model.head_bottleneck_dim=64"
+    )

@@ -1,6 +1,7 @@
 import pytest
 
-from sopvit.train.schedules import Schedules, cosine, linear_then_constant
+from sopvit.optim.schedules import cosine, linear_then_constant
+from sopvit.train.schedules import Schedules
 
 
 def test_cosine_with_warmup_endpoints() -> None:

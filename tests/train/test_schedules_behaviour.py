@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from sopvit.train.schedules import Schedules, cosine, linear_then_constant
+from sopvit.optim.schedules import cosine, linear_then_constant
+from sopvit.train.schedules import Schedules
 
 
 @pytest.mark.parametrize("step", [0, 3, 10, 11, 37, 64, 99, 100, 130])

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sopvit.train.inputs import Batch
-from sopvit.train.optim import set_schedule
+from sopvit.data.pipeline import Batch
+from sopvit.optim.groups import set_schedule
 from sopvit.train.step import NonFiniteLossError, _check_finite, train_step
 from sopvit.train.trainer import Trainer
 from tests.train.tiny import tiny_config
@@ -198,9 +198,9 @@ def test_a_step_skipped_after_an_accumulated_backward_leaves_no_gradient(tmp_pat
     assert all(p.grad is None for p in trainer.model.student.parameters())
 
 
-def test_the_prototype_layer_is_updated_from_step_freeze_last_layer_steps_on(tmp_path: Path) -> None:
+def test_the_prototype_layer_is_updated_from_its_last_frozen_step_on(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, "method=ibot", "ibot.out_dim=16", "ibot.freeze_last_layer=0.25")
-    assert trainer.ctx.freeze_last_layer_steps == 2  # 8 steps an epoch
+    assert trainer.ctx.frozen == {"head.last_layer.": 2}  # 8 steps an epoch
     named = dict(trainer.model.student.named_parameters())
     layer = named["head.last_layer.parametrizations.weight.original1"]
     moved = []

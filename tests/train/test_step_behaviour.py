@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import torch
 
+from sopvit.checkpoints.checkpoint import load_checkpoint
+from sopvit.data.pipeline import Batch
 from sopvit.models import StudentTeacher
-from sopvit.train.checkpoint import load_checkpoint
-from sopvit.train.inputs import Batch
-from sopvit.train.optim import set_schedule
+from sopvit.optim.groups import set_schedule
 from sopvit.train.step import train_step
 from sopvit.train.trainer import Trainer
 from tests.train.tiny import tiny_config

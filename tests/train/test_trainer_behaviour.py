@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch._dynamo.eval_frame import OptimizedModule  # imported here: seconds, not part of the test
 
+from sopvit.checkpoints.checkpoint import load_checkpoint, save_checkpoint
 from sopvit.config import ConfigError
 from sopvit.train import trainer as trainer_module
-from sopvit.train.checkpoint import load_checkpoint, save_checkpoint
 from sopvit.train.schedules import Schedules
 from sopvit.train.trainer import Trainer, check_compatible
 from tests.train.tiny import edit_batches, poison, tiny_config
@@ -180,7 +180,7 @@ def test_skipped_files_add_up_over_steps_and_resumes(tmp_path: Path) -> None:
 
 
 def test_online_knn_reports_only_a_finite_accuracy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sopvit.eval.online as online
+    import sopvit.train.online_knn as online
 
     trainer = Trainer(tiny_config(tmp_path))
     monkeypatch.setattr(online, "knn_of_backbone", lambda *args, **kwargs: 61.5)
@@ -258,8 +258,10 @@ def test_resuming_needs_the_same_method_and_that_methods_shapes(tmp_path: Path) 
     for method in ("sop", "ibot", "dino"):
         others = {name: {"dim": 16, "out_dim": 48} for name in ("sop", "ibot", "dino") if name != method}
         check_compatible(_config(method, **others), _config(method), path)
-    with pytest.raises(ConfigError, match=r"sop\.dim=16, this config has 32"):
-        check_compatible(_config("sop", sop={"dim": 16}), _config("sop"), path)
+    with pytest.raises(ConfigError, match=r"sop\.cls_bank_size=16, this config has 64"):
+        check_compatible(_config("sop", sop={"cls_bank_size": 16}), _config("sop"), path)
+    # sop.dim follows model.head_bottleneck_dim, which the model's own keys compare
+    check_compatible(_config("sop", sop={"dim": 32}), _config("sop"), path)
     for method in ("ibot", "dino"):
         with pytest.raises(ConfigError, match=rf"{method}\.out_dim=48, this config has 64"):
             check_compatible(_config(method, **{method: {"out_dim": 48}}), _config(method), path)
@@ -276,7 +278,7 @@ def test_a_run_shorter_than_one_step_still_trains_one_uncompiled_unfrozen(tmp_pa
     assert trainer.total_steps == trainer.stop_step == 1
     # compile defaults to off: the step calls the student itself
     assert trainer.student is trainer.model.student and trainer.ctx.student is trainer.model.student
-    assert trainer.ctx.freeze_last_layer_steps == 0  # only DINO-family heads freeze their last layer
+    assert trainer.ctx.frozen == {}  # only DINO-family heads freeze their last layer
 
 
 def test_fit_counts_images_per_step_and_the_files_decoded_on_the_cpu_over_all_steps(

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from sopvit.config import load_config
-from sopvit.config.pretrain import PretrainConfig
 from sopvit.export.load import read_run, teacher_encoder
 from sopvit.models import Backbone
+from sopvit.recipe.config import PretrainConfig, pretrain_config_type
 from sopvit.train.trainer import Trainer
 
 TINY = [
@@ -44,7 +44,7 @@ TINY = [
 
 
 def tiny_config(run_dir: Path, *overrides: str) -> PretrainConfig:
-    return load_config(PretrainConfig, None, [*TINY, f"run.output_dir={run_dir}", *overrides])
+    return load_config(pretrain_config_type(), None, [*TINY, f"run.output_dir={run_dir}", *overrides])
 
 
 def edit_batches(trainer: Any, edit: Callable[[int, Any], None]) -> None:

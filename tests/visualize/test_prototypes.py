@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sopvit.checkpoints.checkpoint import load_checkpoint, save_checkpoint
 from sopvit.eval.cache import EvalDataConfig, split_features
 from sopvit.export.load import teacher_encoder
-from sopvit.train.checkpoint import load_checkpoint, save_checkpoint
 from sopvit.train.trainer import Trainer
 from sopvit.visualize import prototype_gallery
 from sopvit.visualize.attention import load_run

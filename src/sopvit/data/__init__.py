@@ -2,6 +2,7 @@
 
 from sopvit.data.batched import BatchMultiCrop
 from sopvit.data.datasets import DATASET_NAMES, InMemoryDataset, build_dataset, load_cifar
+from sopvit.data.eval_transforms import EvalTransform
 from sopvit.data.fashion_mnist import load_fashion_mnist, read_idx
 from sopvit.data.image_folder import IMAGE_EXTENSIONS, ImageFolderDataset, scan_images
 from sopvit.data.masking import BlockMaskGenerator
@@ -12,7 +13,6 @@ from sopvit.data.transforms import (
     FASHION_MNIST_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    EvalTransform,
     MultiCropSpec,
     MultiCropTransform,
 )

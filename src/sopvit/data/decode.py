@@ -27,7 +27,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from sopvit.data.image_folder import ImageFolderDataset, _decode
 
-__all__ = ["BatchDecoder", "Decoded", "FileBytesDataset", "collate_items"]
+__all__ = ["BatchDecoder", "Decoded", "FileBytesDataset"]
 
 # in_chans -> (PIL mode of the per-sample path, torchvision mode of the device decoder)
 _MODES = {1: ("L", ImageReadMode.GRAY), 3: ("RGB", ImageReadMode.RGB)}
@@ -37,11 +37,6 @@ _EXIF_ORIENTATION = 0x0112
 
 # Paths already warned about in this process (the message is the one ImageFolderDataset gives).
 _warned: set[str] = set()
-
-
-def collate_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """DataLoader ``collate_fn`` for ``FileBytesDataset``: byte strings differ in length, keep the list."""
-    return items
 
 
 class FileBytesDataset(Dataset[dict[str, Any]]):

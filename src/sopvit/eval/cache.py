@@ -14,15 +14,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from sopvit.checkpoints.safe_load import load_torch
 from sopvit.config import check
 from sopvit.data.datasets import DATASET_NAMES, InMemoryDataset, build_dataset
+from sopvit.data.eval_transforms import EvalTransform
 from sopvit.data.seeding import SeededSamples
-from sopvit.data.transforms import EvalTransform, MultiCropSpec
+from sopvit.data.transforms import MultiCropSpec
 from sopvit.device import autocast, resolve_device
 from sopvit.distributed import all_reduce_min, barrier, gather_shards, is_main_process, shard
 from sopvit.eval.features import tensor_batches
 from sopvit.models import Backbone
-from sopvit.safe_load import load_torch
 
 _LAYERS = re.compile(r"^(cls|cls\+avgpool|last[1-9][0-9]*)$")
 

@@ -43,7 +43,7 @@ from sopvit.eval.supervised import (
     train_epoch,
 )
 from sopvit.models import Backbone
-from sopvit.train.schedules import cosine
+from sopvit.optim.schedules import cosine
 
 
 @dataclass

@@ -10,7 +10,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from sopvit.models import Backbone
-from sopvit.train.optim import param_groups_layer_decay
+from sopvit.optim.groups import param_groups_layer_decay
 
 
 class Classifier(nn.Module):

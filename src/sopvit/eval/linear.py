@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sopvit.config import check
+from sopvit.data.eval_transforms import SupervisedTrainTransform
 from sopvit.data.seeding import mix_seed
-from sopvit.data.transforms import SupervisedTrainTransform
 from sopvit.device import resolve_device
 from sopvit.eval.cache import (
     EvalDataConfig,
@@ -40,7 +40,7 @@ from sopvit.eval.cache import (
 from sopvit.eval.linear_presets import PRESET_FIELDS, PRESETS, LinearSettings, resolve_settings
 from sopvit.eval.registry import register
 from sopvit.models import Backbone
-from sopvit.train.schedules import cosine
+from sopvit.optim.schedules import cosine
 
 logger = logging.getLogger(__name__)
 

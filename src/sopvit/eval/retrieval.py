@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sopvit import distributed
+from sopvit.checkpoints.safe_load import load_data_pickle, read_or_explain
 from sopvit.config.coerce import check
 from sopvit.data.transforms import MultiCropSpec
 from sopvit.device import autocast, resolve_device
 from sopvit.eval.registry import register
 from sopvit.models import Backbone
-from sopvit.safe_load import UnsafeFileError, load_data_pickle
 
 RetrievalDataset = Literal["roxford5k", "rparis6k"]
 _PREFIX = {"roxford5k": "rox", "rparis6k": "rpar"}
@@ -209,14 +209,8 @@ def load_gnd(root: Path, dataset: str) -> dict[str, Any]:
     path = root / f"gnd_{dataset}.pkl"
     if not path.is_file():
         raise FileNotFoundError(f"ground truth not found: {path}")
-    try:
-        # The ground truth is downloaded: read as data only (lists, str, numeric arrays), never as code.
-        cfg = load_data_pickle(path)
-    except UnsafeFileError:
-        raise
-    except Exception as err:  # pickle raises many types for a damaged file
-        reason = f"{type(err).__name__}: {err}"
-        raise ValueError(f"{path} is not a readable ground-truth pickle ({reason})") from err
+    # The ground truth is downloaded: read as data only (lists, str, numeric arrays), never as code.
+    cfg = read_or_explain(load_data_pickle, path, f"{path} is not a readable ground-truth pickle")
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: expected a dict with imlist, qimlist and gnd, got {type(cfg).__name__}")
     for key in ("imlist", "qimlist", "gnd"):

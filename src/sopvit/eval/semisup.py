@@ -47,7 +47,7 @@ from sopvit.eval.supervised import (
     train_epoch,
 )
 from sopvit.models import Encoder
-from sopvit.train.schedules import cosine
+from sopvit.optim.schedules import cosine
 
 # Sources: "README" is iBOT's evaluation/README.md, semi-supervised section (the command the paper's numbers
 # come from: vit_small, 8 GPUs, --epochs 1000 --lr 5e-6 --finetune_head_layer 1, SimCLRv2 1% / 10% splits);

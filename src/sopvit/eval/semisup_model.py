@@ -8,7 +8,7 @@ from typing import Any, cast
 from torch import Tensor, nn
 
 from sopvit.models import Encoder, ProjectionHead
-from sopvit.train.optim import param_groups_weight_decay
+from sopvit.optim.groups import param_groups_weight_decay
 
 
 class HeadLayers(nn.Module):

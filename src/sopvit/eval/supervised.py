@@ -16,7 +16,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from sopvit.config import check
 from sopvit.data.datasets import build_dataset
-from sopvit.data.transforms import INTERPOLATIONS, EvalTransform, SupervisedTrainTransform, TimmRandAugment
+from sopvit.data.eval_transforms import (
+    INTERPOLATIONS,
+    EvalTransform,
+    SupervisedTrainTransform,
+    TimmRandAugment,
+)
 from sopvit.device import autocast
 from sopvit.distributed import all_gather_rows, all_reduce_min, rank, shard
 from sopvit.eval.cache import EvalDataConfig

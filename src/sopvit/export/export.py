@@ -13,11 +13,11 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from sopvit.config.pretrain import PretrainConfig
 from sopvit.data.transforms import MultiCropSpec
 from sopvit.export.load import CONFIG_JSON, TIMM_ARGS, WEIGHTS, read_run, teacher_encoder
 from sopvit.export.onnx_export import export_onnx
 from sopvit.models import Backbone, Encoder
+from sopvit.recipe.config import PretrainConfig
 
 ExportFormat = Literal["timm", "safetensors", "hf", "onnx"]
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)

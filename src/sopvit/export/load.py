@@ -12,12 +12,13 @@ import timm
 import torch
 from torch import Tensor
 
+from sopvit.checkpoints.checkpoint import LATEST, CheckpointError, load_checkpoint
+from sopvit.checkpoints.safe_load import UnsafeFileError, load_torch, read_or_explain
 from sopvit.config import ConfigError, apply_overrides
 from sopvit.config.coerce import merge
-from sopvit.config.pretrain import PretrainConfig, upgrade_saved
-from sopvit.models import Backbone, Encoder, build_model, create_backbone
-from sopvit.safe_load import UnsafeFileError, load_torch
-from sopvit.train.checkpoint import LATEST, CheckpointError, load_checkpoint
+from sopvit.models import Backbone, Encoder, create_backbone
+from sopvit.recipe.build import build_model
+from sopvit.recipe.config import PretrainConfig, pretrain_config_type, upgrade_saved
 
 CONFIG_JSON = "config.json"
 WEIGHTS = "model.safetensors"
@@ -53,7 +54,8 @@ def config_from_dict(values: Mapping[str, Any], where: Path) -> PretrainConfig:
     """Rebuild the typed config that a checkpoint stores as a plain dict (``config_to_dict``)."""
     try:
         return cast(
-            PretrainConfig, apply_overrides(merge(PretrainConfig, None, upgrade_saved(values), ""), [])
+            PretrainConfig,
+            apply_overrides(merge(pretrain_config_type(), None, upgrade_saved(values), ""), []),
         )
     except ConfigError as err:
         raise ValueError(f"{where}: the saved training config is invalid for this sopvit ({err})") from err
@@ -155,12 +157,7 @@ def _load(path: str | Path) -> Backbone:
         return _backbone_from(_read_json(folder / CONFIG_JSON), load_file(str(weights_file)), weights_file)
     if path.is_file() and path.name != LATEST and (folder / TIMM_ARGS).is_file() and path.suffix == ".pth":
         meta = _read_json(folder / TIMM_ARGS)
-        try:
-            weights = load_torch(path)
-        except UnsafeFileError:
-            raise
-        except Exception as err:  # torch raises many types for a damaged or foreign file
-            raise ValueError(f"{path} is not a readable timm state dict ({type(err).__name__})") from err
+        weights = read_or_explain(load_torch, path, f"{path} is not a readable timm state dict")
         if isinstance(weights, dict) and "format_version" not in weights:
             return _backbone_from(meta, weights, path)
     if path.is_file():
@@ -218,14 +215,9 @@ def load_reference_checkpoint(
         raw: Any = path
     else:
         file = _require(path)
-        try:
-            # Reference checkpoints are downloaded: their argparse Namespace, numpy scalars and optimizer
-            # state are allowlisted, anything that could run code is refused.
-            raw = load_torch(file)
-        except UnsafeFileError:
-            raise
-        except Exception as err:  # torch raises many types for a damaged or foreign file
-            raise ValueError(f"{file} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+        # Reference checkpoints are downloaded: their argparse Namespace, numpy scalars and optimizer
+        # state are allowlisted, anything that could run code is refused.
+        raw = read_or_explain(load_torch, file, f"{file} is not a readable checkpoint")
     weights: dict[str, Tensor] = {}
     mask: Tensor | None = None
     for key, value in _unwrap(raw, where).items():

@@ -1,5 +1,29 @@
-"""Pre-training methods behind one interface: SOP (the paper's), and iBOT and DINO as baselines."""
+"""Every pre-training objective behind one interface: SOP (the paper's), and iBOT and DINO as baselines.
 
-from sopvit.methods.interface import Objective, StudentOutputs, TeacherOutputs, TokenPlan
+``interface`` defines what the loop sees, ``distill`` the math they share, ``registry`` one row per method.
+"""
 
-__all__ = ["Objective", "StudentOutputs", "TeacherOutputs", "TokenPlan"]
+from sopvit.methods.interface import (
+    HeadPrototypes,
+    MethodSpec,
+    Objective,
+    ScheduleValues,
+    StudentOutputs,
+    TeacherOutputs,
+    TokenPlan,
+)
+from sopvit.methods.registry import get_method, method_names, register, unregister
+
+__all__ = [
+    "HeadPrototypes",
+    "MethodSpec",
+    "Objective",
+    "ScheduleValues",
+    "StudentOutputs",
+    "TeacherOutputs",
+    "TokenPlan",
+    "get_method",
+    "method_names",
+    "register",
+    "unregister",
+]

@@ -1,21 +1,32 @@
-"""What the training step, trainer, checkpoint and bench need from a pre-training method.
+"""What the training step, trainer, checkpoint, gallery and bench need from a pre-training method.
 
 A method (SOP, iBOT, DINO) is an ``nn.Module`` whose state (memories, centers, generators) is checkpointed
 with the run. Per micro-batch the step asks it which teacher patch tokens need the head
 (:meth:`Objective.plan_tokens`), computes the loss from the student's and teacher's head outputs
 (:meth:`Objective.compute_loss`), and after the optimizer step hands it the teacher outputs of every
 micro-batch (:meth:`Objective.after_update`: memory enqueue, center update). The step never knows which
-method runs.
+method runs. Everything else the code must know about a method (its config section, its head, what is
+frozen, which settings fix tensor shapes, what its prototype gallery shows) is in its :class:`MethodSpec`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-from sopvit.train.schedules import ScheduleValues
+
+@dataclass(frozen=True)
+class ScheduleValues:
+    """The scheduled values of one step (iteration-indexed; ``train.schedules`` computes them)."""
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    teacher_temp: float
+    patch_teacher_temp: float
 
 
 @dataclass
@@ -51,7 +62,6 @@ class Objective(Protocol):
     """A pre-training method as the training loop sees it (an ``nn.Module``; its ``state_dict`` is saved)."""
 
     masks_student: bool  # the student's global crops are masked (masked image modelling)
-    head_prototypes: int | None  # a learnable prototype layer of this width ends the head; None: none
 
     def plan_tokens(self, masks: torch.Tensor) -> TokenPlan:
         """masks: bool (2B, L) of the student's global crops -> the teacher tokens the head must see."""
@@ -70,3 +80,47 @@ class Objective(Protocol):
     def state_dict(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any: ...
+
+
+@dataclass(frozen=True)
+class HeadPrototypes:
+    """A learnable prototype layer (weight-normalised linear, ``head.last_layer``) ending the head."""
+
+    count: int
+    norm_last_layer: bool = True  # the prototypes' weight-norm magnitude is fixed at 1
+
+
+# What `sopvit visualize prototypes` can draw for a method: "memory": anchors of the [CLS] memory with
+# their supports (the memory is in the objective's state); "head": the head's learned prototypes with
+# their top training images; None: the method has no prototypes to show.
+Gallery = Literal["memory", "head"] | None
+
+
+def _no_head(section: Any) -> HeadPrototypes | None:
+    return None
+
+
+def _nothing_frozen(section: Any) -> Mapping[str, float]:
+    return {}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the method registry: everything outside the objective that depends on the method.
+
+    ``config`` is the dataclass of the method's config section (``PretrainConfig.<name>``, validated by its
+    own ``validate()``); ``build(section, dim)`` makes the objective for head outputs of width ``dim``
+    (``model.head_bottleneck_dim``, or the prototype count when the head ends in prototypes).
+    """
+
+    name: str
+    display_name: str
+    config: type
+    build: Callable[[Any, int], Objective]
+    head: Callable[[Any], HeadPrototypes | None] = _no_head
+    # student parameter-name prefix -> epochs during which those parameters get no update
+    frozen: Callable[[Any], Mapping[str, float]] = _nothing_frozen
+    shape_keys: tuple[str, ...] = ()  # keys of the section that fix tensor shapes (resume must match)
+    gallery: Gallery = None
+    # (section, model.head_bottleneck_dim) -> raises ConfigError when they cannot go together
+    check_head: Callable[[Any, int], None] | None = None

@@ -1,7 +1,8 @@
 """Backbones (timm ViT/Swin with a mask token), projection head and student/teacher encoders."""
 
 from sopvit.models.backbone import Backbone
-from sopvit.models.build import build_model
+from sopvit.models.build import build_student_teacher
+from sopvit.models.config import ModelConfig
 from sopvit.models.factory import (
     ARCHS,
     ArchSpec,
@@ -19,10 +20,11 @@ __all__ = [
     "ArchSpec",
     "Backbone",
     "Encoder",
+    "ModelConfig",
     "ProjectionHead",
     "StudentTeacher",
     "available_archs",
-    "build_model",
+    "build_student_teacher",
     "create_backbone",
     "describe_archs",
     "get_arch_spec",

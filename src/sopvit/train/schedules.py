@@ -1,37 +1,13 @@
-"""Iteration-indexed schedules: every value is a pure function of the global step, so a resumed run
-needs only the step to be back on its curves."""
+"""The pre-training schedules (lr, weight decay, EMA momentum, teacher temperatures), iteration-indexed:
+every value is a pure function of the global step."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-
-def cosine(
-    step: int, total: int, start: float, end: float, warmup: int = 0, warmup_start: float = 0.0
-) -> float:
-    """Linear warm-up from ``warmup_start`` to ``start`` over ``warmup`` steps, then cosine to ``end``."""
-    if warmup > 0 and step < warmup:
-        return warmup_start + (start - warmup_start) * step / warmup
-    span = max(total - warmup, 1)
-    progress = min(max(step - warmup, 0) / span, 1.0)
-    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
-
-
-def linear_then_constant(step: int, warmup: int, start: float, end: float) -> float:
-    """Linear from ``start`` to ``end`` over ``warmup`` steps, ``end`` afterwards."""
-    if warmup <= 0 or step >= warmup:
-        return end
-    return start + (end - start) * step / warmup
-
-
-@dataclass(frozen=True)
-class ScheduleValues:
-    lr: float
-    weight_decay: float
-    momentum: float
-    teacher_temp: float
-    patch_teacher_temp: float
+from sopvit.methods.interface import ScheduleValues
+from sopvit.optim.schedules import cosine, linear_then_constant
+from sopvit.recipe.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -51,6 +27,25 @@ class Schedules:
     teacher_temp_warmup_steps: int
     patch_teacher_temp: float | None = None
     warmup_patch_teacher_temp: float | None = None
+
+    @classmethod
+    def for_run(cls, t: TrainConfig, steps_per_epoch: int, total_steps: int, global_batch: int) -> Schedules:
+        """The schedules of ``train.*`` in steps: epochs become steps, the lr scales with the global batch
+        (``train.lr`` is for 256 images)."""
+        return cls(
+            total_steps=total_steps,
+            lr=t.lr * global_batch / 256,
+            min_lr=t.min_lr,
+            warmup_steps=round(t.warmup_epochs * steps_per_epoch),
+            weight_decay=t.weight_decay,
+            weight_decay_end=t.weight_decay_end,
+            momentum=t.momentum,
+            momentum_end=t.momentum_end,
+            teacher_temp=t.teacher_temp,
+            warmup_teacher_temp=t.warmup_teacher_temp,
+            teacher_temp_warmup_steps=round(t.warmup_teacher_temp_epochs * steps_per_epoch),
+            patch_teacher_temp=t.patch_teacher_temp,
+        )
 
     def at(self, step: int) -> ScheduleValues:
         teacher = linear_then_constant(

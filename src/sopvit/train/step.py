@@ -3,20 +3,20 @@ loss, the update, then the objective's own update (memories, centers)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from sopvit.data.pipeline import Batch
 from sopvit.device import autocast
 from sopvit.distributed import all_reduce_min
-from sopvit.methods.interface import Objective, StudentOutputs, TeacherOutputs
+from sopvit.methods.interface import Objective, ScheduleValues, StudentOutputs, TeacherOutputs
 from sopvit.models import StudentTeacher
-from sopvit.train.inputs import Batch
-from sopvit.train.optim import clip_per_parameter
-from sopvit.train.schedules import ScheduleValues
+from sopvit.optim.groups import clip_per_parameter
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,7 +33,9 @@ class StepContext:
     autocast_dtype: torch.dtype | None
     clip_grad: float
     on_nan: str  # "stop" | "skip"
-    freeze_last_layer_steps: int = 0  # the head's prototype layer gets no update before this step
+    # student parameter-name prefix -> the step before which those parameters get no update (the method's
+    # MethodSpec.frozen, e.g. DINO's and iBOT's prototype layer while the rest settles)
+    frozen: Mapping[str, int] = field(default_factory=dict)
 
     def autocast(self) -> AbstractContextManager[object]:
         return autocast(self.device, "fp32" if self.autocast_dtype is None else "bf16")
@@ -106,9 +108,10 @@ def train_step(
 
     params = [p for p in ctx.model.student.parameters() if p.grad is not None]
     clip_per_parameter(params, ctx.clip_grad)
-    if step < ctx.freeze_last_layer_steps:  # DINO/iBOT: prototypes frozen while the rest settles
+    frozen = tuple(prefix for prefix, until in ctx.frozen.items() if step < until)
+    if frozen:
         for name, p in ctx.model.student.named_parameters():
-            if name.startswith("head.last_layer."):
+            if name.startswith(frozen):
                 p.grad = None
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)

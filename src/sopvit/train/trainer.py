@@ -16,22 +16,20 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sopvit import distributed as dist
-from sopvit.baselines.config import DINOConfig
-from sopvit.config import ConfigError, config_to_dict, save_config
-from sopvit.config.pretrain import PretrainConfig
-from sopvit.device import autocast_dtype, resolve_device
-from sopvit.methods.registry import build_objective
-from sopvit.models import build_model
-from sopvit.train.checkpoint import (
+from sopvit.checkpoints.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from sopvit.train.inputs import PretrainInputs
+from sopvit.config import ConfigError, config_to_dict, save_config
+from sopvit.data.pipeline import PretrainInputs
+from sopvit.device import autocast_dtype, resolve_device
+from sopvit.methods import get_method
+from sopvit.optim.groups import build_optimizer, set_schedule
+from sopvit.recipe import PretrainConfig, build_model, build_objective
 from sopvit.train.monitor import Monitor
-from sopvit.train.optim import build_optimizer, set_schedule
 from sopvit.train.schedules import Schedules
 from sopvit.train.step import StepContext, train_step
 
@@ -69,11 +67,6 @@ _SHAPE_KEYS = {
     ),
     "data": ("in_chans",),
 }
-_METHOD_SHAPE_KEYS = {
-    "sop": ("dim", "cls_bank_size", "patch_bank_size"),
-    "ibot": ("out_dim",),
-    "dino": ("out_dim",),
-}
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -86,7 +79,7 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
             "use another run.output_dir or the run's own config.yaml",
             "method",
         )
-    for section, keys in {**_SHAPE_KEYS, method: _METHOD_SHAPE_KEYS[method]}.items():
+    for section, keys in {**_SHAPE_KEYS, method: get_method(method).shape_keys}.items():
         for key in keys:
             old, new = saved.get(section, {}).get(key), current[section][key]
             if old != new:
@@ -131,21 +124,7 @@ class Trainer:
         self.total_steps = max(1, round(t.epochs * steps_per_epoch))
         self.stop_step = min(self.total_steps, t.max_steps or self.total_steps)
         global_batch = t.batch_size * self.world * t.accum_steps
-        method = cfg.method_config
-        self.schedules = Schedules(
-            total_steps=self.total_steps,
-            lr=t.lr * global_batch / 256,
-            min_lr=t.min_lr,
-            warmup_steps=round(t.warmup_epochs * steps_per_epoch),
-            weight_decay=t.weight_decay,
-            weight_decay_end=t.weight_decay_end,
-            momentum=t.momentum,
-            momentum_end=t.momentum_end,
-            teacher_temp=t.teacher_temp,
-            warmup_teacher_temp=t.warmup_teacher_temp,
-            teacher_temp_warmup_steps=round(t.warmup_teacher_temp_epochs * steps_per_epoch),
-            patch_teacher_temp=t.patch_teacher_temp,
-        )
+        self.schedules = Schedules.for_run(t, steps_per_epoch, self.total_steps, global_batch)
         self.ctx = StepContext(
             self.model,
             self.student,
@@ -155,7 +134,10 @@ class Trainer:
             autocast_dtype(t.precision, self.device),
             t.clip_grad,
             t.on_nan,
-            round(method.freeze_last_layer * steps_per_epoch) if isinstance(method, DINOConfig) else 0,
+            {
+                prefix: round(epochs * steps_per_epoch)
+                for prefix, epochs in cfg.spec.frozen(cfg.method_config).items()
+            },
         )
         self.run_dir = Path(cfg.run.output_dir)
         self.step = 0
@@ -283,7 +265,7 @@ class Trainer:
         return last
 
     def online_knn(self) -> dict[str, float]:
-        from sopvit.eval.online import knn_of_backbone
+        from sopvit.train.online_knn import knn_of_backbone
 
         acc = knn_of_backbone(self.model.teacher.backbone, self.cfg, self.device)
         return {"knn_top1": acc} if math.isfinite(acc) else {}

@@ -13,12 +13,14 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import v2
 
+from sopvit.checkpoints.checkpoint import LATEST, load_checkpoint
 from sopvit.config.coerce import merge
 from sopvit.config.loader import validate_config
-from sopvit.config.pretrain import PretrainConfig, upgrade_saved
-from sopvit.data.transforms import EvalTransform, to_uint8_chw
-from sopvit.models import Backbone, build_model
-from sopvit.train.checkpoint import LATEST, load_checkpoint
+from sopvit.data.eval_transforms import EvalTransform
+from sopvit.data.transforms import to_uint8_chw
+from sopvit.models import Backbone
+from sopvit.recipe.build import build_model
+from sopvit.recipe.config import PretrainConfig, pretrain_config_type, upgrade_saved
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ def load_run(run_dir_or_checkpoint: str | Path) -> Run:
     state = load_checkpoint(checkpoint)
     if not isinstance(state.get("config"), dict):
         raise ValueError(f"checkpoint {checkpoint} holds no 'config' mapping; was it written by sopvit?")
-    config = merge(PretrainConfig, None, upgrade_saved(state["config"]), "")
+    config = merge(pretrain_config_type(), None, upgrade_saved(state["config"]), "")
     validate_config(config)
     return Run(checkpoint, config, state)
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from sopvit.data.datasets import build_dataset
 from sopvit.data.transforms import to_uint8_chw
-from sopvit.sop.prototypes import build_prototypes
+from sopvit.methods.sop.prototypes import build_prototypes
 from sopvit.visualize.attention import Run, load_run, to_numpy_image
 
 # Figure geometry in inches (per grid cell, plus a title band) at DPI; fixed (no tight bbox) so the PNG
@@ -87,7 +87,7 @@ def run_gallery_layout(run: Run, n_prototypes: int = 8, k: int | None = None, se
     keys = ("cls_bank.embeddings", "cls_bank.sample_ids")
     if not all(key in objective for key in keys):
         raise ValueError(f"checkpoint {run.checkpoint} has no [CLS] memory ({', '.join(keys)})")
-    k = run.config.sop.cls_k if k is None else k
+    k = getattr(run.config.method_config, "cls_k", 8) if k is None else k
     return gallery_layout(objective[keys[0]], objective[keys[1]], n_prototypes, k, seed)
 
 
@@ -158,7 +158,13 @@ def prototype_gallery(
     path = str(data_path) if data_path is not None else data.path
     if path is not None and not Path(path).exists():
         raise FileNotFoundError(f"data path {path} does not exist")
-    learned = run.config.method != "sop"
+    spec = run.config.spec
+    if spec.gallery is None:
+        raise ValueError(
+            f"{spec.display_name} has no prototypes to draw (method={spec.name}: neither a memory of "
+            "embeddings nor a learned prototype layer); its run is trained and exports as usual"
+        )
+    learned = spec.gallery == "head"
     if learned:
         layout = learned_gallery_layout(run, n_prototypes, 8 if k is None else k, path)
     else:
@@ -183,11 +189,10 @@ def prototype_gallery(
             ax.set_xticks([])
             ax.set_yticks([])
     step = run.state.get("step", "?")
-    name = {"ibot": "iBOT", "dino": "DINO"}.get(run.config.method)
     title = (
-        f"{name} learned prototypes (most used) and their top training images, step {step}"
+        f"{spec.display_name} learned prototypes (most used) and their top training images, step {step}"
         if learned
-        else f"SOP prototypes from the [CLS] memory, step {step}"
+        else f"{spec.display_name} prototypes from the [CLS] memory, step {step}"
     )
     fig.suptitle(title, fontsize=9, y=1 - 0.05 / height, va="top")
     # Fixed margins (not tight_layout/bbox) keep the output size exactly the grid times the cell size;
