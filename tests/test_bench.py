@@ -25,7 +25,7 @@ def test_bench_smoke(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # t
     result = json.loads(out.read_text())
     assert result["method_ms_per_step"] > 0 and result["base_ms_per_step"] > 0
     assert result["model_gflops_per_step"] > 0
-    assert 0 < result["objective_share"] < 1
+    assert result["objective_share"] > 0  # a ratio of two timings: under load it may pass 1
     assert result["input_images_per_s"] > 0
     assert json.loads(printed.strip().splitlines()[-1]) == result
 
