@@ -1,6 +1,7 @@
-"""``make mutants``: mutation testing of sop/, train/, data/ and the eval metrics with mutmut 3.
+"""``make mutants``: mutation testing of methods/ (SOP and the shared distillation math), train/ (with optim/
+and checkpoints/checkpoint.py), data/ and the eval metrics with mutmut 3.
 
-    python tools/mutants.py [--jobs N] [--package sop train ...] [--keep] [--report-only]
+    python tools/mutants.py [--jobs N] [--package methods train ...] [--keep] [--report-only]
 
 Runs ``mutmut run`` (configured in ``[tool.mutmut]`` of pyproject.toml) on the mutants of the packages
 below, then prints killed / timeout / survived / no-test counts and the kill rate per package and per file,

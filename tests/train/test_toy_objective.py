@@ -132,3 +132,9 @@ def test_a_toy_section_is_checked_like_the_built_in_ones(toy: MethodSpec, tmp_pa
 def test_an_unregistered_method_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="method: must be one of 'sop', 'ibot', 'dino', got 'toy'"):
         load_pretrain_config(None, [*TINY, "method=toy"])
+
+
+@pytest.mark.parametrize("name", ["data", "spec", "not-an-identifier"])
+def test_a_method_name_that_would_shadow_the_config_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match=f"method name '{name}' must be an identifier other than"):
+        register(MethodSpec(name, "X", ToyConfig, lambda cfg, dim: ToyObjective(cfg, dim)))

@@ -16,12 +16,17 @@ from sopvit.methods.sop.config import SOPConfig, check_head
 from sopvit.methods.sop.objective import SOPObjective
 
 _REGISTRY: dict[str, MethodSpec] = {}
+# the method's section becomes an attribute of the pre-training config beside these
+_TAKEN = ("method", "model", "data", "train", "run", "spec", "method_config", "validate")
 
 
 def register(spec: MethodSpec) -> MethodSpec:
     """Add (or replace) the row of ``spec.name``; returns ``spec``."""
-    if not spec.name.isidentifier() or spec.name in ("method", "model", "data", "train", "run"):
-        raise ValueError(f"method name {spec.name!r} must be an identifier other than a config section")
+    if not spec.name.isidentifier() or spec.name in _TAKEN:
+        raise ValueError(
+            f"method name {spec.name!r} must be an identifier other than {', '.join(_TAKEN)} (the "
+            "pre-training config's own sections and attributes)"
+        )
     if not dataclasses.is_dataclass(spec.config):
         raise TypeError(f"method {spec.name!r}: config must be a dataclass type, got {spec.config!r}")
     _REGISTRY[spec.name] = spec
