@@ -90,6 +90,15 @@ RECHECKS: dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "train": [
         (("sopvit.optim.*",), ("tests/optim/",)),
         (("sopvit.checkpoints.checkpoint.*",), ("tests/checkpoints/", "tests/faults/test_disk.py")),
+        # the online k-NN's tests build a tiny run or train a few steps
+        (
+            ("sopvit.train.online_knn.*",),
+            (
+                "tests/train/test_online_knn.py",
+                "tests/train/test_pretrain_options.py::test_online_knn_value_depends_on_the_knn_options",
+                "tests/train/test_end_to_end.py::test_online_knn_is_logged",
+            ),
+        ),
         (
             ("sopvit.train.*", "sopvit.optim.*", "sopvit.checkpoints.checkpoint.*"),
             (
@@ -111,6 +120,9 @@ RECHECKS: dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]] = {
             ("sopvit.data.pipeline.*", "sopvit.data.prefetch.*"),
             ("tests/data/test_pipeline_behaviour.py", "tests/data/test_prefetch_behaviour.py"),
         ),
+        (("sopvit.data.config.*",), ("tests/data/test_config.py",)),
+        # the statistical and exact-parameter tests are slower than the 5 s budget takes first
+        (("sopvit.data.crop_params.*", "sopvit.data.masking.*"), ("tests/data/",)),
     ],
 }
 TRANSPARENT_DECORATORS = frozenset({"torch.no_grad()", "torch.inference_mode()"})
