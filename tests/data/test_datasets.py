@@ -132,7 +132,7 @@ def test_build_dataset(tmp_path: Path) -> None:
         build_dataset("folder")
     with pytest.raises(FileNotFoundError, match="test"):
         build_dataset("imagenet", str(tmp_path / "inet"), split="test")
-    assert set(DATASET_NAMES) == {"fashion_mnist", "cifar10", "cifar100", "folder", "imagenet"}
+    assert set(DATASET_NAMES) == {"fashion_mnist", "cifar10", "cifar100", "folder", "imagenet", "shards"}
 
 
 def test_cifar_missing_without_download(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 from sopvit.config.coerce import check
 from sopvit.data.transforms import MultiCropSpec
 
-DatasetName = Literal["folder", "imagenet", "fashion_mnist", "cifar10", "cifar100"]
+DatasetName = Literal["folder", "imagenet", "shards", "fashion_mnist", "cifar10", "cifar100"]
 AugmentOn = Literal["workers", "device"]
 
 
@@ -19,7 +19,7 @@ class DataConfig:
         "batched_augment": "write data.augment_on: device (was batched_augment: true) or workers (false)"
     }
     dataset: DatasetName = "folder"
-    path: str | None = None  # folder/imagenet: required; others: where to find or download them
+    path: str | None = None  # folder/imagenet/shards: required; others: where to find or download them
     # The crop fields are MultiCropSpec's: their defaults and checks are defined there, once.
     in_chans: int = MultiCropSpec.in_chans
     global_size: int = MultiCropSpec.global_size
@@ -49,10 +49,11 @@ class DataConfig:
         check(0.0 <= self.mask_prob <= 1.0, "mask_prob", "must be in [0, 1]")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(self.limit is None or self.limit > 0, "limit", "must be > 0 or null")
+        what = "tar shards" if self.dataset == "shards" else "image folder"
         check(
-            self.path is not None or self.dataset not in ("folder", "imagenet"),
+            self.path is not None or self.dataset not in ("folder", "imagenet", "shards"),
             "path",
-            f"is required for dataset '{self.dataset}' (the image folder to pre-train on)",
+            f"is required for dataset '{self.dataset}' (the {what} to pre-train on)",
         )
 
 

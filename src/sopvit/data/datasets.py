@@ -14,6 +14,7 @@ from torch.utils.data import Dataset, Subset
 
 from sopvit.data.fashion_mnist import load_fashion_mnist
 from sopvit.data.image_folder import ImageFolderDataset
+from sopvit.data.shards import ShardDataset
 
 # ImageFolderDataset and load_fashion_mnist live in their own modules but belong to this API.
 __all__ = [
@@ -27,7 +28,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "folder", "imagenet")
+DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "folder", "imagenet", "shards")
 _CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "sopvit")
 
 
@@ -126,10 +127,12 @@ def build_dataset(
     Args:
         name: one of ``DATASET_NAMES``. "fashion_mnist"/"cifar10"/"cifar100" give an
             ``InMemoryDataset`` (uint8 images held in memory); "folder" scans
-            ``path`` recursively; "imagenet" reads the labelled folder ``path/split``.
+            ``path`` recursively; "imagenet" reads the labelled folder ``path/split``; "shards"
+            reads the tar shards ``path`` names (``{split}`` in it replaced by ``split``).
         path: data root; optional for the in-memory sets (defaults as in their loaders).
         split: "train" or "test" ("val" is accepted as "test" for the in-memory sets); for
-            "imagenet" the name of the subfolder; ignored by "folder".
+            "imagenet" the name of the subfolder, for "shards" what ``{split}`` stands for; ignored by
+            "folder".
         transform: per-sample transform (e.g. ``MultiCropTransform``).
         download: allow torchvision to download CIFAR.
         limit: keep only the first ``limit`` samples (tests, smoke runs).
@@ -150,6 +153,8 @@ def build_dataset(
         raise ValueError(f"dataset {name!r} needs a path")
     if name == "imagenet":
         folder = ImageFolderDataset(os.path.join(path, split), transform, labelled=True)
+    elif name == "shards":
+        folder = ShardDataset(path.replace("{split}", split), transform)
     else:
         folder = ImageFolderDataset(path, transform, labelled=labelled)
     logger.info("built %r", folder)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from sopvit.data.image_folder import ImageFolderDataset, _decode
 
-__all__ = ["BatchDecoder", "Decoded", "FileBytesDataset"]
+__all__ = ["BatchDecoder", "ByteSource", "Decoded", "FileBytesDataset"]
 
 # in_chans -> (PIL mode of the per-sample path, torchvision mode of the device decoder)
 _MODES = {1: ("L", ImageReadMode.GRAY), 3: ("RGB", ImageReadMode.RGB)}
@@ -39,17 +39,29 @@ _EXIF_ORIENTATION = 0x0112
 _warned: set[str] = set()
 
 
+class ByteSource(Protocol):
+    """A source of encoded images other than a folder's files (``sopvit.data.shards.ShardDataset``)."""
+
+    root: str
+    paths: Sequence[str]  # each item's identity in warnings
+    labels: Sequence[int]
+
+    def read_bytes(self, index: int) -> np.ndarray: ...
+
+
 class FileBytesDataset(Dataset[dict[str, Any]]):
-    """The files of an ``ImageFolderDataset`` as raw bytes, for decoding later in batches.
+    """The images of an ``ImageFolderDataset`` (or a ``ByteSource``) as raw bytes, to decode in batches.
 
     ``__getitem__(i)`` returns ``{"data": uint8 tensor (num_bytes,), "index": i, "label": int}``; a file
     that cannot be read gives an empty ``data`` (the decoder then counts it as bad).
     """
 
-    def __init__(self, folder: ImageFolderDataset) -> None:
+    def __init__(self, folder: ImageFolderDataset | ByteSource) -> None:
         self.root = folder.root
-        self.paths = folder.paths
-        self.labels = folder.labels
+        self.paths: Sequence[str] = folder.paths
+        self.labels: Sequence[int] = folder.labels
+        # A folder's item is a whole file; a source that packs many images in a file says how to read one.
+        self._read: Callable[[int], np.ndarray] | None = getattr(folder, "read_bytes", None)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -60,7 +72,8 @@ class FileBytesDataset(Dataset[dict[str, Any]]):
             raise IndexError(f"index {index} out of range for dataset of size {n}")
         index %= n
         try:
-            data = torch.from_numpy(np.fromfile(self.paths[index], dtype=np.uint8))
+            raw = self._read(index) if self._read else np.fromfile(self.paths[index], dtype=np.uint8)
+            data = torch.from_numpy(raw)
         except OSError:
             data = torch.empty(0, dtype=torch.uint8)
         return {"data": data, "index": index, "label": self.labels[index]}

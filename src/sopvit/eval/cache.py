@@ -46,9 +46,9 @@ class EvalDataConfig:
     def validate(self) -> None:
         check(self.dataset in DATASET_NAMES, "dataset", f"must be one of {', '.join(DATASET_NAMES)}")
         check(
-            self.path is not None or self.dataset not in ("folder", "imagenet"),
+            self.path is not None or self.dataset not in ("folder", "imagenet", "shards"),
             "path",
-            "required for folders",
+            "required for folders and shards",
         )
         check(self.image_size > 0, "image_size", "must be > 0")
         check(self.in_chans in (1, 3), "in_chans", "must be 1 or 3")
