@@ -14,7 +14,7 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
@@ -56,7 +56,7 @@ class TrivialObjective(nn.Module):
             loss = loss + student.tokens.float().pow(2).mean()
         return loss, {"loss": loss.detach()}
 
-    def after_update(self, teacher: TeacherOutputs) -> None:
+    def after_update(self, teachers: Sequence[TeacherOutputs]) -> None:
         return None
 
 
@@ -131,14 +131,14 @@ def time_objective(ctx: StepContext, batch: Batch, warmup: int, steps: int) -> f
         with ctx.autocast():
             loss, _ = ctx.objective.compute_loss(student, teacher, VALUES)
         loss.backward()
-        ctx.objective.after_update(teacher)
+        ctx.objective.after_update([teacher])
 
     times = [time_once(device, run) for _ in range(warmup + steps)]
     return statistics.median(times[warmup:])
 
 
 VALUES = ScheduleValues(
-    lr=1e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, patch_teacher_temp=0.04
+    step=0, lr=1e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, patch_teacher_temp=0.04
 )
 
 

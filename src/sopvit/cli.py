@@ -1,4 +1,5 @@
-"""Command line: ``sopvit [--debug] pretrain | bench | export | visualize | report | eval | demo``.
+"""Command line: ``sopvit [--debug] COMMAND``, one of pretrain, bench, export, visualize, report, shards,
+eval, demo, submit.
 
 Parses arguments and dispatches; the work is elsewhere.
 """
@@ -19,13 +20,24 @@ from sopvit.checkpoints.checkpoint import CheckpointError
 from sopvit.config import ConfigError, load_config
 from sopvit.recipe.config import pretrain_config_type
 from sopvit.train.step import NonFiniteLossError
+from sopvit.train.stop import EXIT_STOPPED
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from sopvit import distributed
     from sopvit.train.trainer import Trainer
 
     cfg = load_config(pretrain_config_type(), args.config, args.overrides)
-    row = Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    row = trainer.fit()
+    if trainer.stopped_by is not None:
+        if distributed.is_main_process():
+            print(
+                f"stopped at step {trainer.step} on {trainer.stopped_by}; checkpoint saved; "
+                "run the same command to continue",
+                file=sys.stderr,
+            )
+        return EXIT_STOPPED
     print({k: round(v, 5) for k, v in row.items()})
     return 0
 
@@ -91,6 +103,17 @@ def _report(args: argparse.Namespace) -> int:
     from sopvit.visualize import write_report
 
     print(f"wrote {write_report(args.run, args.out)}")
+    return 0
+
+
+def _shards(args: argparse.Namespace) -> int:
+    from sopvit.data.shard_writer import write_shards
+
+    r = write_shards(args.src, args.out, per_shard=args.per_shard, prefix=args.prefix)
+    print(
+        f"packed {r.images} images in {r.shards} shards under {r.out_dir} ({r.written} written, "
+        f"{r.reused} already complete); read them with data.dataset=shards data.path={r.pattern}"
+    )
     return 0
 
 
@@ -226,6 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", help="run directory")
     r.add_argument("--out", help="HTML file (default: RUN/report.html)")
     r.set_defaults(func=_report)
+    sh = sub.add_parser(
+        "shards", parents=[debug_flag], help="pack an image folder into tar shards (data.dataset=shards)"
+    )
+    shards_sub = sh.add_subparsers(dest="action", required=True)
+    sw = shards_sub.add_parser(
+        "write",
+        parents=[debug_flag],
+        help="write SRC's images, in data-set order, as OUT/PREFIX-000000.tar ... (resumable)",
+    )
+    sw.add_argument("src", help="image folder (class subfolders give labels), e.g. an ImageNet train/")
+    sw.add_argument("out", help="folder for the shards, their indexes and shards.json")
+    sw.add_argument("--per-shard", type=int, default=1000, help="images per shard (default 1000)")
+    sw.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
+    sw.set_defaults(func=_shards)
     ev = sub.add_parser(
         "eval",
         parents=[debug_flag],
@@ -250,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("overrides", nargs="*", help="dotted overrides of the demo recipe")
     d.set_defaults(func=_demo)
+    from sopvit.launch import add_submit_parser
+
+    add_submit_parser(sub, debug_flag)
     return parser
 
 
@@ -270,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Under torchrun every rank leaves the process group itself, after all agree they are done.
         from sopvit import distributed
 
-        distributed.shutdown(clean=code == 0)
+        distributed.shutdown(clean=code in (0, EXIT_STOPPED))
 
 
 def _explain(message: str, debug: bool) -> None:

@@ -7,6 +7,7 @@ same code runs under ``python`` and under ``torchrun``.
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -89,10 +90,12 @@ def gather_shards(local: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def init_distributed(device_type: str) -> torch.device:
-    """Join the process group described by torchrun's environment, if any; return this rank's device.
+    """Join the process group described by torchrun's environment, or by Slurm's under ``srun`` (one task
+    per GPU, no torchrun), if any; return this rank's device.
 
-    NCCL on GPUs, gloo on CPUs. Without ``WORLD_SIZE`` in the environment this is a no-op.
+    NCCL on GPUs, gloo on CPUs. Without either launcher's variables this is a no-op.
     """
+    adopt_slurm_env(os.environ)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
@@ -109,6 +112,46 @@ def init_distributed(device_type: str) -> torch.device:
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return device
+
+
+def adopt_slurm_env(env: MutableMapping[str, str]) -> None:
+    """Under ``srun`` without torchrun, spell Slurm's task variables the way torchrun does.
+
+    The rendezvous host is the step's first node and the port follows the job id, so every task of a job
+    (and of its requeued run) computes the same address without talking first. ``MASTER_ADDR`` and
+    ``MASTER_PORT`` already set win. The step's task count (``SLURM_STEP_NUM_TASKS``) is preferred to the
+    job's, so ``srun --ntasks 2`` inside a larger allocation forms a group of 2.
+    """
+    if "WORLD_SIZE" in env or "SLURM_PROCID" not in env:
+        return
+    world = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))
+    if int(world) <= 1:
+        return
+    nodes = env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", ""))
+    if not nodes:
+        raise RuntimeError("SLURM_PROCID is set but SLURM_JOB_NODELIST is not: cannot find the first node")
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], world
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("MASTER_ADDR", first_host(nodes))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``gpu[003-006,9],cpu1`` -> ``gpu003``."""
+    out, depth, bracket = [], 0, ""
+    for ch in nodelist:
+        if ch == "," and depth == 0:
+            break
+        if ch == "[":
+            depth, bracket = 1, ""
+        elif ch == "]":
+            out.append(bracket.split(",")[0].split("-")[0])
+            depth = 0
+        elif depth:
+            bracket += ch
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _restart_scoped_store(timeout: timedelta) -> dist.Store | None:
@@ -179,8 +222,17 @@ def all_reduce_mean_dict(values: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
     """Elementwise minimum over ranks (e.g. "is every rank's loss finite?")."""
+    return _all_reduce(x, dist.ReduceOp.MIN)
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum over ranks (e.g. "did any rank receive a stop signal?")."""
+    return _all_reduce(x, dist.ReduceOp.MAX)
+
+
+def _all_reduce(x: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
     if world_size() == 1:
         return x
     y = x.to(_collective_device(x), copy=True)
-    dist.all_reduce(y, op=dist.ReduceOp.MIN)
+    dist.all_reduce(y, op=op)
     return y.to(x.device)

@@ -137,6 +137,7 @@ ELSEWHERE = {
     "run.knn_dataset": "test_online_knn_value_depends_on_the_knn_options",
     "run.knn_path": "test_online_knn_value_depends_on_the_knn_options",
     "run.knn_limit": "test_online_knn_value_depends_on_the_knn_options",
+    "run.stop_signals": "tests/train/test_stop.py and tests/faults/test_signals.py",
 }
 
 

@@ -90,7 +90,8 @@ def test_accumulation_applies_the_mean_gradient_and_reports_the_mean_metrics(tmp
         torch.testing.assert_close(value, (returned[0][key] + returned[1][key]) / 2, msg=key)
 
     grads_1, metrics_1 = _step_alone(tmp_path / "first", first, states[0])
-    grads_2, metrics_2 = _step_alone(tmp_path / "second", second, states[1])
+    # The step's prototypes are drawn once, at its first micro-batch: the second replays with that draw.
+    grads_2, metrics_2 = _step_alone(tmp_path / "second", second, (states[0][0], states[1][1]))
 
     assert grads.keys() == grads_1.keys() == grads_2.keys() and len(grads) > 10
     for name, grad in grads.items():
@@ -211,3 +212,21 @@ def test_the_prototype_layer_is_updated_from_its_last_frozen_step_on(tmp_path: P
         train_step(trainer.ctx, [batch], values, step)
         moved.append(not torch.equal(layer, before))
     assert moved == [False, False, True]
+
+
+@pytest.mark.parametrize("method", ["sop", "ibot", "dino"])
+def test_two_micro_batches_train_as_one_batch_of_twice_the_size(tmp_path: Path, method: str) -> None:
+    """What J ranks do in one step, J accumulated micro-batches do: same loss, weights and method state
+    (SOP's prototypes are drawn once per step, the centres move once per step)."""
+    runs = {}
+    for name, batch, accum in (("one", 16, 1), ("two", 8, 2)):
+        flags = (f"method={method}", f"train.batch_size={batch}", f"train.accum_steps={accum}")
+        trainer = _trainer(tmp_path / name, *flags, "train.max_steps=3", "run.log_every=1")
+        runs[name] = (trainer.fit(), trainer.model.student.state_dict(), trainer.objective.state_dict())
+    (row1, student1, state1), (row2, student2, state2) = runs["one"], runs["two"]
+    assert row2["loss"] == pytest.approx(row1["loss"], rel=1e-5)
+    for key, value in student1.items():
+        torch.testing.assert_close(student2[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    for key, value in state1.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(state2[key], value, rtol=1e-4, atol=1e-6, msg=key)

@@ -3,7 +3,7 @@ objective is one module, one registry row and one recipe, and nothing else in sr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +62,9 @@ class ToyObjective(nn.Module):
         return loss, {"loss": loss.detach()}
 
     @torch.no_grad()
-    def after_update(self, teacher: TeacherOutputs) -> None:
+    def after_update(self, teachers: Sequence[TeacherOutputs]) -> None:
         m = self.cfg.momentum
-        self.mean.mul_(m).add_(teacher.cls.float().mean(0), alpha=1 - m)
+        self.mean.mul_(m).add_(torch.cat([t.cls.float() for t in teachers]).mean(0), alpha=1 - m)
 
 
 TOY = MethodSpec("toy", "Toy", ToyConfig, lambda cfg, dim: ToyObjective(cfg, dim))

@@ -8,12 +8,13 @@ uninterrupted one would, and 2 ranks see the two halves of the global batch a si
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from sopvit.data.batched import BatchMultiCrop
 from sopvit.data.config import DataConfig
@@ -30,6 +31,14 @@ from sopvit.data.transforms import MultiCropTransform
 _MASK_STREAMS = (1 << 20, (1 << 20) + 1)
 
 
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """Workers ignore the signals a cluster sends to every process of a job (Slurm signals them all): a
+    worker that died of one would make the loader raise in the trainer before it reached the step boundary
+    where it saves. The trainer closes its loaders when it stops."""
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 @dataclass
 class Batch:
     crops: list[torch.Tensor]  # [global1, global2, local1, ...], each (B, C, s, s)
@@ -40,10 +49,15 @@ class Batch:
 
 
 class StepPlan:
-    """Micro-batch m -> this rank's image indices: an epoch-seeded permutation cut into global batches
-    (the incomplete last global batch of an epoch is dropped), rank r taking slice r."""
+    """Micro-batch m -> this rank's image indices: an epoch-seeded permutation cut into global batches,
+    rank r taking slice r. An epoch holds whole optimizer steps of ``accum`` micro-batches (the incomplete
+    last step is dropped), so a step never straddles two epochs and W ranks see in one step the images one
+    process sees in W accumulated micro-batches: a run can resume on another world size with the same
+    global batch."""
 
-    def __init__(self, n_images: int, batch_size: int, world: int, rank: int, seed: int) -> None:
+    def __init__(
+        self, n_images: int, batch_size: int, world: int, rank: int, seed: int, accum: int = 1
+    ) -> None:
         self.n_images, self.batch_size, self.world, self.rank, self.seed = (
             n_images,
             batch_size,
@@ -52,12 +66,17 @@ class StepPlan:
             seed,
         )
         self.global_batch = batch_size * world
-        self.steps_per_epoch = n_images // self.global_batch
-        if self.steps_per_epoch == 0:
+        micro_batches = n_images // self.global_batch
+        if micro_batches == 0:
             raise ValueError(
                 f"the data set has {n_images} images, fewer than one global batch "
                 f"({batch_size} per process x {world} processes); lower train.batch_size"
             )
+        if micro_batches < accum:
+            raise ValueError(
+                f"train.accum_steps={accum} exceeds the {micro_batches} micro-batches of one epoch"
+            )
+        self.steps_per_epoch = micro_batches // accum * accum  # micro-batches of an epoch's whole steps
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def indices(self, micro_step: int) -> torch.Tensor:
@@ -141,7 +160,14 @@ class PretrainInputs:
     """Builds the data set named by the config and serves :class:`Batch` es from any micro-batch on."""
 
     def __init__(
-        self, cfg: DataConfig, patch_size: int, batch_size: int, world: int, rank: int, seed: int
+        self,
+        cfg: DataConfig,
+        patch_size: int,
+        batch_size: int,
+        world: int,
+        rank: int,
+        seed: int,
+        accum: int = 1,
     ) -> None:
         self.cfg = cfg
         self.spec = cfg.crop_spec()
@@ -150,7 +176,7 @@ class PretrainInputs:
         on_device = cfg.augment_on == "device"
         transform = None if on_device else MultiCropTransform(self.spec)
         self.dataset = build_dataset(cfg.dataset, cfg.path, "train", transform=transform, limit=cfg.limit)
-        self.plan = StepPlan(len(self.dataset), batch_size, world, rank, seed)  # type: ignore[arg-type]
+        self.plan = StepPlan(len(self.dataset), batch_size, world, rank, seed, accum)  # type: ignore[arg-type]
         self.seed, self.rank = seed, rank
 
     def batches(self, start: int, stop: int, device: torch.device) -> Generator[Batch, None, None]:
@@ -170,6 +196,7 @@ class PretrainInputs:
             # time it starts, so a resumed run's drop path would drift from the uninterrupted run's. No
             # augmentation uses that base seed (they are seeded by seed, epoch and image).
             generator=torch.Generator(),
+            worker_init_fn=_leave_signals_to_the_trainer,
         )
         yield from loader
 
@@ -197,10 +224,9 @@ class PretrainInputs:
                 idx = self.plan.indices(m)
                 yield m, images[idx.to(device)], idx, idx, 0, 0
             return
-        folder = self.dataset
-        if not isinstance(folder, ImageFolderDataset):  # data.limit wraps the folder in a Subset
-            folder = cast(ImageFolderDataset, cast(Any, folder).dataset)
-        files = FileBytesDataset(folder)
+        # A folder or tar shards (data.limit wraps either in a Subset); shards read through their index.
+        source = self.dataset.dataset if isinstance(self.dataset, Subset) else self.dataset
+        files = FileBytesDataset(cast(ImageFolderDataset, source))
         loader = DataLoader(
             files,
             batch_sampler=_FlatSampler(self.plan, start, stop),
@@ -209,6 +235,7 @@ class PretrainInputs:
             pin_memory=False,
             persistent_workers=False,
             generator=torch.Generator(),
+            worker_init_fn=_leave_signals_to_the_trainer,
         )
         decode = BatchDecoder()
         for m, packed in enumerate(loader, start):

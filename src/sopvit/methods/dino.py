@@ -8,6 +8,7 @@ The formula is the reference implementation's (``DINOLoss`` in facebookresearch/
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -126,5 +127,6 @@ class DINOObjective(nn.Module):
         return loss, metrics | collapse_metrics(centered_probs(teacher.cls, self.center, values.teacher_temp))
 
     @torch.no_grad()
-    def after_update(self, teacher: TeacherOutputs) -> None:
-        self.center.copy_(updated_center(self.center, teacher.cls.float(), self.cfg.center_momentum))
+    def after_update(self, teachers: Sequence[TeacherOutputs]) -> None:
+        cls = torch.cat([t.cls.float() for t in teachers])
+        self.center.copy_(updated_center(self.center, cls, self.cfg.center_momentum))

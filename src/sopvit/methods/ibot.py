@@ -3,6 +3,7 @@ self-distillation through the same (shared) head (``iBOTLoss`` in bytedance/ibot
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -134,8 +135,9 @@ class IBOTObjective(DINOObjective):
         return loss, metrics | collapse_metrics(centered_probs(teacher.cls, self.center, values.teacher_temp))
 
     @torch.no_grad()
-    def after_update(self, teacher: TeacherOutputs) -> None:
-        super().after_update(teacher)
-        n_images = teacher.masks.shape[0]
-        per_image = teacher.tokens.float().view(n_images, -1, self.ibot.out_dim).mean(dim=1)
+    def after_update(self, teachers: Sequence[TeacherOutputs]) -> None:
+        super().after_update(teachers)
+        per_image = torch.cat(
+            [t.tokens.float().view(t.masks.shape[0], -1, self.ibot.out_dim).mean(dim=1) for t in teachers]
+        )
         self.patch_center.copy_(updated_center(self.patch_center, per_image, self.ibot.patch_center_momentum))

@@ -3,15 +3,15 @@
 A method (SOP, iBOT, DINO) is an ``nn.Module`` whose state (memories, centers, generators) is checkpointed
 with the run. Per micro-batch the step asks it which teacher patch tokens need the head
 (:meth:`Objective.plan_tokens`), computes the loss from the student's and teacher's head outputs
-(:meth:`Objective.compute_loss`), and after the optimizer step hands it the teacher outputs of every
-micro-batch (:meth:`Objective.after_update`: memory enqueue, center update). The step never knows which
+(:meth:`Objective.compute_loss`), and after the optimizer step hands it the teacher outputs of the step's
+micro-batches (:meth:`Objective.after_update`: memory enqueue, center update). The step never knows which
 method runs. Everything else the code must know about a method (its config section, its head, what is
 frozen, which settings fix tensor shapes, what its prototype gallery shows) is in its :class:`MethodSpec`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -22,6 +22,7 @@ import torch
 class ScheduleValues:
     """The scheduled values of one step (iteration-indexed; ``train.schedules`` computes them)."""
 
+    step: int  # the optimizer step these values are for (every micro-batch of a step gets the same)
     lr: float
     weight_decay: float
     momentum: float
@@ -73,8 +74,10 @@ class Objective(Protocol):
         """Scalar loss and detached metrics (keys starting with ``loss`` are checked for NaN/Inf)."""
         ...
 
-    def after_update(self, teacher: TeacherOutputs) -> None:
-        """Called once per micro-batch, in order, after the optimizer step and the EMA."""
+    def after_update(self, teachers: Sequence[TeacherOutputs]) -> None:
+        """Called once per step, after the optimizer step and the EMA, with the teacher outputs of each of its
+        micro-batches in order. State that follows the global batch (a centre) is updated once from all of
+        them, so J accumulated micro-batches update it as J ranks of one micro-batch each would."""
         ...
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any: ...

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,19 @@ class TrainConfig:
         check(self.clip_grad >= 0, "clip_grad", "must be >= 0 (0 disables clipping)")
 
 
+DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+def signal_number(name: str) -> int:
+    """``"SIGTERM"`` (or ``"TERM"``) -> its number; ValueError naming some catchable ones otherwise."""
+    full = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
+    if full not in signal.Signals.__members__ or full in ("SIGKILL", "SIGSTOP"):
+        raise ValueError(
+            f"{name!r} is not a signal a run can catch; use e.g. SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP"
+        )
+    return int(signal.Signals[full])
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs/pretrain"
@@ -82,9 +96,16 @@ class RunConfig:
     knn_limit: int | None = 10000
     tensorboard: bool = True
     progress: bool = True
+    # Caught on every rank: the run saves at the next step boundary and exits with EXIT_STOPPED (75).
+    stop_signals: tuple[str, ...] = DEFAULT_STOP_SIGNALS
 
     def validate(self) -> None:
         check(self.checkpoint_every > 0, "checkpoint_every", "must be > 0")
+        for name in self.stop_signals:
+            try:
+                signal_number(name)
+            except ValueError as err:
+                check(False, "stop_signals", str(err))
         check(self.log_every > 0, "log_every", "must be > 0")
         check(self.knn_every >= 0, "knn_every", "must be >= 0")
         check(

@@ -61,6 +61,7 @@ class Schedules:
                 self.patch_teacher_temp,
             )
         return ScheduleValues(
+            step=step,
             lr=cosine(step, self.total_steps, self.lr, self.min_lr, self.warmup_steps),
             weight_decay=cosine(step, self.total_steps, self.weight_decay, self.weight_decay_end),
             momentum=cosine(step, self.total_steps, self.momentum, self.momentum_end),

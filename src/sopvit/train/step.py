@@ -116,6 +116,5 @@ def train_step(
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.model.update_teacher(values.momentum)
-    for teacher in pending:
-        ctx.objective.after_update(teacher)
+    ctx.objective.after_update(pending)
     return totals

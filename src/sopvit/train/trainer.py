@@ -6,6 +6,7 @@ import logging
 import math
 import random
 import warnings
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any, cast
@@ -24,7 +25,7 @@ from sopvit.checkpoints.checkpoint import (
     save_checkpoint,
 )
 from sopvit.config import ConfigError, config_to_dict, save_config
-from sopvit.data.pipeline import PretrainInputs
+from sopvit.data.pipeline import Batch, PretrainInputs
 from sopvit.device import autocast_dtype, resolve_device
 from sopvit.methods import get_method
 from sopvit.optim.groups import build_optimizer, set_schedule
@@ -32,6 +33,7 @@ from sopvit.recipe import PretrainConfig, build_model, build_objective
 from sopvit.train.monitor import Monitor
 from sopvit.train.schedules import Schedules
 from sopvit.train.step import StepContext, train_step
+from sopvit.train.stop import StopSignals, record_stop
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +104,9 @@ class Trainer:
                 encoder.backbone.set_fused_attention(False)
         torch.manual_seed(cfg.train.seed + self.rank)  # drop-path differs per rank, as with more data
         patch_size = self.model.student.backbone.patch_size
+        t = cfg.train
         self.inputs = PretrainInputs(
-            cfg.data, patch_size, cfg.train.batch_size, self.world, self.rank, cfg.train.seed
+            cfg.data, patch_size, t.batch_size, self.world, self.rank, t.seed, t.accum_steps
         )
         # Any: callers (tests, the gallery) reach the method's own state, e.g. SOP's memories.
         self.objective: Any = build_objective(cfg, self.device)
@@ -114,13 +117,7 @@ class Trainer:
             )
         self.student = cast(nn.Module, torch.compile(student)) if cfg.train.compile else student
         self.optimizer = build_optimizer(self.model.student, self.device)
-        t = cfg.train
         steps_per_epoch = self.inputs.plan.steps_per_epoch // t.accum_steps
-        if steps_per_epoch == 0:
-            raise ValueError(
-                f"train.accum_steps={t.accum_steps} exceeds the {self.inputs.plan.steps_per_epoch} "
-                "micro-batches of one epoch"
-            )
         self.total_steps = max(1, round(t.epochs * steps_per_epoch))
         self.stop_step = min(self.total_steps, t.max_steps or self.total_steps)
         global_batch = t.batch_size * self.world * t.accum_steps
@@ -142,6 +139,9 @@ class Trainer:
         self.run_dir = Path(cfg.run.output_dir)
         self.step = 0
         self.skipped_files = 0
+        self.stopped_by: str | None = None  # the signal fit() stopped on, once it has saved
+        self.signals_seen: set[str] = set()  # every stop signal this rank caught while fitting
+        self.cpu_decoded = 0
         self._prepare_run_dir()
 
     def _prepare_run_dir(self) -> None:
@@ -213,7 +213,8 @@ class Trainer:
             torch.manual_seed(self.cfg.train.seed + 1000 * self.step + self.rank)
 
     def fit(self) -> dict[str, float]:
-        """Train from ``self.step`` to the end (or ``train.max_steps``); returns the last logged row."""
+        """Train from ``self.step`` to the end (or ``train.max_steps``), or until a stop signal (then
+        ``self.stopped_by`` names it, after the checkpoint is saved); returns the last logged row."""
         cfg, accum = self.cfg, self.cfg.train.accum_steps
         monitor = Monitor(
             self.run_dir,
@@ -226,42 +227,62 @@ class Trainer:
             cfg.run.progress,
         )
         stream = self.inputs.batches(self.step * accum, self.stop_step * accum, self.device)
-        last: dict[str, float] = {}
-        cpu_decoded = 0
+        self.cpu_decoded = 0
         try:
-            for step in range(self.step, self.stop_step):
-                values = self.schedules.at(step)
-                set_schedule(self.optimizer, values.lr, values.weight_decay)
-                batches = list(islice(stream, accum))
-                self.skipped_files += sum(b.skipped for b in batches)
-                cpu_decoded += sum(b.cpu_decoded for b in batches)
-                metrics = dist.all_reduce_mean_dict(train_step(self.ctx, batches, values, step))
-                self.step = step + 1
-                row = monitor.update(
-                    self.step,
-                    metrics,
-                    {
-                        "lr": values.lr,
-                        "weight_decay": values.weight_decay,
-                        "momentum": values.momentum,
-                        "teacher_temp": values.teacher_temp,
-                    },
-                )
-                last = row or last
-                if self.step % cfg.run.checkpoint_every == 0 or self.step == self.stop_step:
-                    self.save()
-                if cfg.run.knn_every and self.step % cfg.run.knn_every == 0:
-                    monitor.write(self.step, self.online_knn())
+            with StopSignals(cfg.run.stop_signals) as signals:
+                try:
+                    last = self._steps(stream, monitor, signals)
+                finally:
+                    self.signals_seen |= signals.seen
+        except BaseException as err:
+            record_stop(self.run_dir, self.step, f"error {type(err).__name__}: {err}"[:500])
+            raise
         finally:
             stream.close()  # stops a prefetching thread now, not whenever the generator is collected
             monitor.close()
-            if cpu_decoded:
-                logger.info("%d image file(s) were not JPEG and were decoded on the CPU", cpu_decoded)
+            if self.cpu_decoded:
+                logger.info("%d image file(s) were not JPEG and were decoded on the CPU", self.cpu_decoded)
             if self.skipped_files:
                 warnings.warn(
                     f"{self.skipped_files} unreadable image file(s) were skipped during training",
                     stacklevel=2,
                 )
+        record_stop(self.run_dir, self.step, f"signal {self.stopped_by}" if self.stopped_by else "finished")
+        return last
+
+    def _steps(self, stream: Iterator[Batch], monitor: Monitor, signals: StopSignals) -> dict[str, float]:
+        cfg, accum = self.cfg, self.cfg.train.accum_steps
+        last: dict[str, float] = {}
+        for step in range(self.step, self.stop_step):
+            values = self.schedules.at(step)
+            set_schedule(self.optimizer, values.lr, values.weight_decay)
+            batches = list(islice(stream, accum))
+            self.skipped_files += sum(b.skipped for b in batches)
+            self.cpu_decoded += sum(b.cpu_decoded for b in batches)
+            metrics = dist.all_reduce_mean_dict(train_step(self.ctx, batches, values, step))
+            self.step = step + 1
+            row = monitor.update(
+                self.step,
+                metrics,
+                {
+                    "lr": values.lr,
+                    "weight_decay": values.weight_decay,
+                    "momentum": values.momentum,
+                    "teacher_temp": values.teacher_temp,
+                },
+            )
+            last = row or last
+            saved = self.step % cfg.run.checkpoint_every == 0 or self.step == self.stop_step
+            if saved:
+                self.save()
+            if cfg.run.knn_every and self.step % cfg.run.knn_every == 0:
+                monitor.write(self.step, self.online_knn())
+            # Every rank asks at every boundary (a collective); the last step needs no stop, it saves anyway.
+            if self.step < self.stop_step and (name := signals.agreed()) is not None:
+                if not saved:
+                    self.save()
+                self.stopped_by = name
+                break
         return last
 
     def online_knn(self) -> dict[str, float]:

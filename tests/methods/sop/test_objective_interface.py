@@ -51,6 +51,7 @@ def _outputs(
 
 def _values(teacher_temp: float, patch_teacher_temp: float) -> ScheduleValues:
     return ScheduleValues(
+        step=0,
         lr=1e-3,
         weight_decay=0.04,
         momentum=0.996,
@@ -117,7 +118,7 @@ def test_after_update_enqueues_the_second_view_and_its_key_tokens_with_ids() -> 
     batch = _batch(b=B, length=LENGTH, seed=5) | {"masks": _masks()}
     ids = torch.tensor([11, 12, 13])
     _, teacher = _outputs(objective, batch, ids)
-    objective.after_update(teacher)
+    objective.after_update([teacher])
     rows = torch.arange(B)
     torch.testing.assert_close(objective.cls_bank.embeddings[:B], batch["teacher_cls"][B:])
     torch.testing.assert_close(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -58,6 +59,7 @@ class SOPObjective(nn.Module):
         self.cfg = cfg
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.token_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self._step_draw: tuple[int, tuple[Prototypes, Prototypes]] | None = None
         self.cls_bank = MemoryBank(cfg.cls_bank_size, cfg.dim, generator=self.generator)
         self.patch_bank = MemoryBank(cfg.patch_bank_size, cfg.dim, generator=self.generator)
         # Fail at construction, not at the first step, on impossible prototype settings.
@@ -82,6 +84,22 @@ class SOPObjective(nn.Module):
         return build_prototype_tasks(
             bank.embeddings, tasks, anchors, k, cfg.smoothing, keep, self.generator, cfg.anchor_selection
         )
+
+    def draw_prototypes(self) -> tuple[Prototypes, Prototypes]:
+        """New [CLS] and patch prototypes from the memories (anchors drawn from the shared generator)."""
+        cfg = self.cfg
+        return (
+            self._prototypes(self.cls_bank, cfg.cls_tasks, cfg.cls_anchors, cfg.cls_k, cfg.cls_keep_fraction),
+            self._prototypes(self.patch_bank, 1, cfg.patch_anchors, cfg.patch_k, cfg.patch_keep_fraction),
+        )
+
+    def step_prototypes(self, step: int) -> tuple[Prototypes, Prototypes]:
+        """The prototypes of optimizer step ``step``, drawn at its first micro-batch and kept until the step
+        or the memories change: J accumulated micro-batches share one draw, as J ranks do, so a run keeps its
+        loss when it trades ranks for accumulation."""
+        if self._step_draw is None or self._step_draw[0] != step:
+            self._step_draw = (step, self.draw_prototypes())
+        return self._step_draw[1]
 
     def forward(
         self,
@@ -134,11 +152,13 @@ class SOPObjective(nn.Module):
         n_images: int,
         teacher_temp: float,
         patch_teacher_temp: float | None = None,
+        prototypes: tuple[Prototypes, Prototypes] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss from the masked tokens only (what training computes the head for).
 
         student_cls: (C*B, K); teacher_cls: (2B, K); student_tokens, teacher_tokens: (M, K) the masked patch
-        tokens of the 2B global images; token_image: (M,) image of each token in [0, n_images = 2B).
+        tokens of the 2B global images; token_image: (M,) image of each token in [0, n_images = 2B);
+        prototypes: the ([CLS], patch) prototypes to assign to (None: :meth:`draw_prototypes`).
         """
         cfg = self.cfg
         b = teacher_cls.shape[0] // 2
@@ -159,12 +179,7 @@ class SOPObjective(nn.Module):
                 "must agree as (M, K) / (M,)"
             )
         patch_teacher_temp = teacher_temp if patch_teacher_temp is None else patch_teacher_temp
-        cls_protos = self._prototypes(
-            self.cls_bank, cfg.cls_tasks, cfg.cls_anchors, cfg.cls_k, cfg.cls_keep_fraction
-        )
-        patch_protos = self._prototypes(
-            self.patch_bank, 1, cfg.patch_anchors, cfg.patch_k, cfg.patch_keep_fraction
-        )
+        cls_protos, patch_protos = self.draw_prototypes() if prototypes is None else prototypes
         with torch.no_grad():
             t_cls = _assign(teacher_cls, cls_protos, teacher_temp)
             t_patch = _assign(teacher_tokens, patch_protos, patch_teacher_temp)[0]
@@ -205,11 +220,13 @@ class SOPObjective(nn.Module):
             n_images=teacher.masks.shape[0],
             teacher_temp=values.teacher_temp,
             patch_teacher_temp=values.patch_teacher_temp,
+            prototypes=self.step_prototypes(values.step),
         )
 
-    def after_update(self, teacher: TeacherOutputs) -> None:
-        keys = teacher.plan.state
-        self.update_memory(teacher.cls, teacher.tokens[keys[teacher.plan.teacher]], teacher.ids)
+    def after_update(self, teachers: Sequence[TeacherOutputs]) -> None:
+        for teacher in teachers:  # in micro-batch order: the rows J ranks would gather, in rank order
+            keys = teacher.plan.state
+            self.update_memory(teacher.cls, teacher.tokens[keys[teacher.plan.teacher]], teacher.ids)
 
     @staticmethod
     def _assignment_metrics(s_glob: torch.Tensor, t_glob: torch.Tensor, b: int) -> dict[str, torch.Tensor]:
@@ -236,6 +253,7 @@ class SOPObjective(nn.Module):
     ) -> None:
         """Enqueue the second global view: last B rows of teacher_cls (2B, K); teacher_patch_keys (B, K)."""
         b = teacher_cls.shape[0] // 2
+        self._step_draw = None  # drawn from the memories as they were
         self.cls_bank.enqueue(teacher_cls[b:], ids=sample_ids, same_size=True)
         self.patch_bank.enqueue(teacher_patch_keys, ids=sample_ids, same_size=True)
 
@@ -243,5 +261,6 @@ class SOPObjective(nn.Module):
         return {"generator": self.generator.get_state(), "token_generator": self.token_generator.get_state()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._step_draw = None
         self.generator.set_state(state["generator"])
         self.token_generator.set_state(state["token_generator"])
