@@ -70,10 +70,12 @@ def test_folder_round_trip(run_dir: Path, teacher: Backbone, tmp_path: Path, fmt
     folder = export(run_dir, fmt, tmp_path / fmt, include_head=fmt == "hf")
     assert (folder / "README.md").is_file() == (fmt == "hf")
     keys = list(load_file(str(folder / "model.safetensors")))
-    check_clean(keys)
-    assert any(k.startswith("head.") for k in keys) == (fmt == "hf")
-    meta = json.loads((folder / "config.json").read_text())
-    assert meta["architecture"] == "vit_test" and meta["in_chans"] == 1 and meta["image_size"] == 16
+    extras = list(load_file(str(folder / "sopvit.safetensors")))  # mask token, head: beside timm's keys
+    check_clean(keys + extras)
+    assert not any(k.startswith("head.") for k in keys)
+    assert any(k.startswith("head.") for k in extras) == (fmt == "hf")
+    meta = json.loads((folder / "config.json").read_text())["sopvit"]
+    assert meta["arch"] == "vit_test" and meta["in_chans"] == 1 and meta["image_size"] == 16
     assert meta["patch_size"] == 4 and meta["embed_dim"] == 32 and meta["step"] == 1
     assert len(meta["mean"]) == len(meta["std"]) == 1 and meta["recipe"]["model"]["arch"] == "vit_test"
     loaded = load_pretrained(folder)
