@@ -26,7 +26,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 import sopvit.data.decode as decode_mod
 from sopvit.data.decode import BatchDecoder, FileBytesDataset, _jpeg_plan
-from sopvit.data.image_folder import ImageFolderDataset, _decode
+from sopvit.data.image_folder import ImageFolderDataset, decode_image
 
 CPU = torch.device("cpu")
 MODES = {1: "L", 3: "RGB"}
@@ -94,7 +94,7 @@ def _items(data: FileBytesDataset, names: list[str]) -> list[dict[str, object]]:
 
 
 def _per_sample(path: str, in_chans: int) -> torch.Tensor:
-    return pil_to_tensor(_decode(path, MODES[in_chans]))
+    return pil_to_tensor(decode_image(path, MODES[in_chans]))
 
 
 def _decode_quietly(
@@ -318,5 +318,5 @@ def test_cuda_decode_matches_cpu(root: Path, in_chans: int) -> None:
 
 def test_pil_decode_of_bytes_is_the_per_sample_decode(root: Path) -> None:
     for name in ["b/i16.png", "b/rgba.png", "a/exif6.jpg"]:
-        from_bytes = _decode(io.BytesIO((root / name).read_bytes()), "RGB")
+        from_bytes = decode_image(io.BytesIO((root / name).read_bytes()), "RGB")
         assert torch.equal(pil_to_tensor(from_bytes), _per_sample(str(root / name), 3))

@@ -92,7 +92,7 @@ def test_decompression_bombs_are_skipped(tmp_path: Path, monkeypatch: pytest.Mon
     ds = ImageFolderDataset(tmp_path)
     for limit in (3000, 1000):  # 4096 px: warning range (limit, 2 * limit] and hard-error range
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
-        ds._bad.clear()
+        ds.unreadable.clear()
         with pytest.warns(RuntimeWarning, match="DecompressionBomb"):
             item = ds[0]
         assert item["index"] == 1 and item["skipped"] == 1

@@ -31,14 +31,14 @@ def test_folder_knn_decodes_each_image_once_and_keeps_labels_aligned(
 ) -> None:
     _imagenet_layout(tmp_path)
     decodes = multiprocessing.get_context("fork").Value("i", 0)  # shared with forked loader workers
-    real = image_folder._decode
+    real = image_folder.decode_image
 
     def counting(path: str, mode: str) -> Any:
         with decodes.get_lock():
             decodes.value += 1
         return real(path, mode)
 
-    monkeypatch.setattr(image_folder, "_decode", counting)
+    monkeypatch.setattr(image_folder, "decode_image", counting)
     cfg = tiny_config(
         tmp_path / "run", "run.knn_dataset=imagenet", f"run.knn_path={tmp_path}", "data.in_chans=3"
     )

@@ -4,7 +4,7 @@
 process) decodes a batch of them with one ``torchvision.io.decode_jpeg`` call on the training device
 (nvJPEG on CUDA, libjpeg on CPU) and gives the same images, indices and skip counts as the per-sample
 ``ImageFolderDataset`` would: non-JPEGs, incomplete JPEGs and JPEGs the device decoder refuses are decoded
-by the very same PIL code (``image_folder._decode``) on the CPU, so a file is bad exactly when PIL says so;
+by the very same PIL code (``decode_image``) on the CPU, so a file is bad exactly when PIL says so;
 CMYK JPEGs are decoded by libjpeg on the CPU (its conversion is PIL's). EXIF orientation is applied on
 both paths.
 """
@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
-from sopvit.data.image_folder import ImageFolderDataset, _decode
+from sopvit.data.image_folder import ImageFolderDataset, decode_image
 
 __all__ = ["BatchDecoder", "ByteSource", "Decoded", "FileBytesDataset"]
 
@@ -241,7 +241,7 @@ class BatchDecoder:
         try:
             if data.numel() == 0:
                 raise OSError("no bytes: the file is empty or could not be read")
-            img = _decode(io.BytesIO(data.numpy().tobytes()), _MODES[in_chans][0])
+            img = decode_image(io.BytesIO(data.numpy().tobytes()), _MODES[in_chans][0])
         # Same rule as ImageFolderDataset: any failure to decode means "bad file".
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"

@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "scan_images"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "decode_image", "scan_images"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 
@@ -40,7 +40,7 @@ def scan_images(root: str | os.PathLike[str]) -> list[str]:
     return found
 
 
-def _decode(path: str | BinaryIO, mode: str) -> Image.Image:
+def decode_image(path: str | BinaryIO, mode: str) -> Image.Image:
     """Opens and fully decodes ``path`` (a file name or a binary file object), upright per its EXIF
     orientation; raises on any defect, including truncation and bombs."""
     with warnings.catch_warnings():
@@ -95,7 +95,7 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         self.labels: list[int] = [-1] * len(self.paths)
         if labelled is not False:
             self._assign_labels(required=labelled is True)
-        self._bad: dict[int, str] = {}
+        self.unreadable: dict[int, str] = {}
 
     def _assign_labels(self, required: bool) -> None:
         top_level: list[str] = []
@@ -137,17 +137,19 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={self.root!r}, n={len(self)}, classes={len(self.classes)})"
 
-    def _try_load(self, index: int) -> Image.Image | None:
-        if index in self._bad:
+    def try_load(self, index: int) -> Image.Image | None:
+        """Image ``index`` decoded, or None if it cannot be (then ``unreadable[index]`` says why); no
+        skipping to the next file, which ``__getitem__`` adds for training."""
+        if index in self.unreadable:
             return None
         path = self.paths[index]
         try:
-            return _decode(path, self.mode)
+            return decode_image(path, self.mode)
         # PIL plugins signal malformed data with many exception types (OSError, SyntaxError,
         # ValueError, struct.error, IndexError, ...); any failure to decode means "bad file".
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
-            self._bad[index] = reason
+            self.unreadable[index] = reason
             warnings.warn(f"skipping unreadable image {path!r} ({reason})", RuntimeWarning, stacklevel=3)
             return None
 
@@ -158,7 +160,7 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         index %= n
         for skipped in range(n):
             current = (index + skipped) % n
-            img = self._try_load(current)
+            img = self.try_load(current)
             if img is not None:
                 image = self.transform(img) if self.transform is not None else img
                 return {"image": image, "index": current, "label": self.labels[current], "skipped": skipped}

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sopvit.data.image_folder import ImageFolderDataset, _decode
+from sopvit.data.image_folder import ImageFolderDataset, decode_image
 from sopvit.data.shard_index import MANIFEST, load_index
 
 __all__ = ["ShardDataset", "expand_braces", "resolve_shards"]
@@ -153,7 +153,7 @@ class ShardDataset(ImageFolderDataset):
         self._offset = np.asarray(offsets, dtype=np.int64)
         self._size = np.asarray(sizes, dtype=np.int64)
         self.classes = self._manifest_classes()
-        self._bad: dict[int, str] = {}
+        self.unreadable: dict[int, str] = {}
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
         logger.info("indexed %d images in %d shards of %r", len(self.paths), len(self.shards), pattern)
@@ -226,15 +226,15 @@ class ShardDataset(ImageFolderDataset):
         self._check(index, os.preadv(self._fd(int(self._shard[index])), [buf], int(self._offset[index])))
         return np.frombuffer(buf, dtype=np.uint8)  # writable: it views the bytearray
 
-    def _try_load(self, index: int) -> Image.Image | None:
-        if index in self._bad:
+    def try_load(self, index: int) -> Image.Image | None:
+        if index in self.unreadable:
             return None
         try:
-            return _decode(io.BytesIO(self._read(index)), self.mode)
+            return decode_image(io.BytesIO(self._read(index)), self.mode)
         # The folder's rule: any failure to read or decode means "bad file".
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
-            self._bad[index] = reason
+            self.unreadable[index] = reason
             path = self.paths[index]
             warnings.warn(f"skipping unreadable image {path!r} ({reason})", RuntimeWarning, stacklevel=3)
             return None

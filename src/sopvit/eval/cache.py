@@ -133,7 +133,7 @@ def resolve_layers(layers: str, backbone: Backbone) -> str:
 
 
 def feature_dim(backbone: Backbone, layers: str) -> int:
-    """Width of ``_forward``'s rows, known without a forward pass (a rank may hold no image)."""
+    """Width of ``layer_features``'s rows, known without a forward pass (a rank may hold no image)."""
     if layers == "cls":
         return backbone.embed_dim
     if layers == "cls+avgpool":
@@ -141,7 +141,7 @@ def feature_dim(backbone: Backbone, layers: str) -> int:
     return int(layers[4:]) * backbone.embed_dim
 
 
-def _forward(backbone: Backbone, x: Tensor, layers: str) -> Tensor:
+def layer_features(backbone: Backbone, x: Tensor, layers: str) -> Tensor:
     if layers == "cls":
         return backbone(x)["cls"]
     if layers == "cls+avgpool":
@@ -211,7 +211,7 @@ def extract_dataset_features(
     feats = []
     with bf16:
         for x in batches:
-            feats.append(_forward(backbone, x.to(device, non_blocking=True), layers).float())
+            feats.append(layer_features(backbone, x.to(device, non_blocking=True), layers).float())
     backbone.train(was_training)
     # a rank whose shard is empty (fewer images than ranks) still joins the gathers with (0, F) rows
     local = torch.cat(feats) if feats else torch.empty(0, feature_dim(backbone, layers), device=device)

@@ -1,0 +1,1 @@
+"""Tests of sopvit.explore: embeddings tables, search, near-duplicates and prototype assignment."""
