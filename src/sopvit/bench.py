@@ -91,9 +91,9 @@ def build_step(cfg: PretrainConfig, method: bool) -> tuple[StepContext, Batch]:
     if device.type == "cpu":
         for encoder in (model.student, model.teacher):
             encoder.backbone.set_fused_attention(False)
-    student: nn.Module = model.student
     if cfg.train.compile:
-        student = torch.compile(student)  # type: ignore[assignment]
+        model.compile_blocks()
+    student: nn.Module = model.student
     objective: Any = build_objective(cfg, device)
     if not method:
         objective = TrivialObjective(objective)

@@ -133,7 +133,7 @@ SAME: list[tuple[str, tuple[str, ...]]] = [
 
 # Options checked by their own tests below or elsewhere, because two steps of training cannot show them.
 ELSEWHERE = {
-    "train.compile": "torch.compile takes minutes on a CPU; numerics are compared in the GPU bench script",
+    "train.compile": "tests/train/test_compile.py (3 compiled steps against eager)",
     "run.knn_dataset": "test_online_knn_value_depends_on_the_knn_options",
     "run.knn_path": "test_online_knn_value_depends_on_the_knn_options",
     "run.knn_limit": "test_online_knn_value_depends_on_the_knn_options",

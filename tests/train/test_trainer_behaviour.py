@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch._dynamo.eval_frame import OptimizedModule  # imported here: seconds, not part of the test
 
 from sopvit.checkpoints.checkpoint import load_checkpoint, save_checkpoint
 from sopvit.config import ConfigError
@@ -74,10 +73,16 @@ def test_cpu_training_uses_explicit_attention_in_both_encoders(tmp_path: Path) -
     assert len(flags) == 2 * 2 and not any(flags)  # vit_test: 2 blocks, student and teacher
 
 
-def test_compile_wraps_the_student_the_step_calls(tmp_path: Path) -> None:
+def test_compile_compiles_every_block_of_both_encoders_in_place(tmp_path: Path) -> None:
     trainer = Trainer(tiny_config(tmp_path, "train.compile=true"))  # compiles lazily: nothing runs here
-    assert isinstance(trainer.student, OptimizedModule) and trainer.ctx.student is trainer.student
-    assert trainer.student._orig_mod is trainer.model.student
+    assert trainer.ctx.student is trainer.student is trainer.model.student  # the step calls the module itself
+    for encoder in (trainer.model.student, trainer.model.teacher):
+        blocks = list(encoder.backbone.model.blocks)
+        assert len(blocks) == 2 and all(b._compiled_call_impl is not None for b in blocks)
+    assert (
+        trainer.model.student.state_dict().keys()
+        == Trainer(tiny_config(tmp_path / "eager")).model.student.state_dict().keys()
+    )
     assert trainer.ctx.device == torch.device("cpu") and trainer.ctx.autocast_dtype is None
     assert (
         Trainer(tiny_config(tmp_path / "bf16", "train.precision=bf16")).ctx.autocast_dtype == torch.bfloat16

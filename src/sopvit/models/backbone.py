@@ -269,6 +269,19 @@ class Backbone(nn.Module):
         self.grad_checkpointing = enable
         self._timm.set_grad_checkpointing(enable)
 
+    def compile_blocks(self) -> None:
+        """Compile each transformer block in place (``nn.Module.compile``; names and weights unchanged).
+
+        Not the whole model: the position embedding resampled for every crop size (bicubic, in the
+        embedding) fails in a compiled backward ("Expected IntList but got GenericList", torch 2.14), and
+        the blocks hold nearly all of the compute. Compiled blocks also compose with checkpointing and
+        per-block sharding, which wrap the same modules.
+        """
+        m = self._timm
+        blocks = [b for stage in m.layers for b in stage.blocks] if self.kind == "swin" else list(m.blocks)
+        for block in blocks:
+            block.compile()
+
     def set_fused_attention(self, enable: bool) -> None:
         """Choose timm's fused SDPA kernel or explicit softmax(QK^T)V attention.
 

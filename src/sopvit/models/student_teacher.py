@@ -159,6 +159,11 @@ class StudentTeacher(nn.Module):
         self.teacher.eval()
         self._ema_cache: tuple[list[Tensor], list[Tensor], list[tuple[Tensor, Tensor]]] | None = None
 
+    def compile_blocks(self) -> None:
+        """``train.compile``: both encoders' transformer blocks (see :meth:`Backbone.compile_blocks`)."""
+        for encoder in (self.student, self.teacher):
+            encoder.backbone.compile_blocks()
+
     @classmethod
     def create(
         cls,

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,12 +110,14 @@ class Trainer:
         )
         # Any: callers (tests, the gallery) reach the method's own state, e.g. SOP's memories.
         self.objective: Any = build_objective(cfg, self.device)
+        if cfg.train.compile:
+            self.model.compile_blocks()
         student: nn.Module = self.model.student
         if self.world > 1:
             student = DistributedDataParallel(
                 student, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.student = cast(nn.Module, torch.compile(student)) if cfg.train.compile else student
+        self.student = student
         self.optimizer = build_optimizer(self.model.student, self.device)
         steps_per_epoch = self.inputs.plan.steps_per_epoch // t.accum_steps
         self.total_steps = max(1, round(t.epochs * steps_per_epoch))
