@@ -37,7 +37,10 @@ def backbone_fingerprint(backbone: Backbone) -> str:
 
 def bottleneck_dim(head: ProjectionHead) -> int:
     layer = head.mlp[-1]
-    assert isinstance(layer, nn.Linear)  # the MLP ends in its bottleneck Linear, activations sit between
+    if not isinstance(layer, nn.Linear):  # ProjectionHead's MLP ends in its bottleneck Linear
+        raise TypeError(
+            f"the projection head's MLP ends in {type(layer).__name__}, not its bottleneck Linear"
+        )
     return layer.out_features
 
 
