@@ -31,6 +31,7 @@ from sopvit.methods.interface import ScheduleValues, StudentOutputs, TeacherOutp
 from sopvit.optim.groups import build_optimizer, set_schedule
 from sopvit.recipe.build import build_model, build_objective
 from sopvit.recipe.config import PretrainConfig
+from sopvit.train.parallel import prepare
 from sopvit.train.step import StepContext, train_step
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; pass --peak-tflops for anything else.
@@ -91,9 +92,8 @@ def build_step(cfg: PretrainConfig, method: bool) -> tuple[StepContext, Batch]:
     if device.type == "cpu":
         for encoder in (model.student, model.teacher):
             encoder.backbone.set_fused_attention(False)
-    if cfg.train.compile:
-        model.compile_blocks()
-    student: nn.Module = model.student
+    dtype = autocast_dtype(cfg.train.precision, device)
+    parallel = prepare(model, cfg.train, device, 1, dtype is not None)
     objective: Any = build_objective(cfg, device)
     if not method:
         objective = TrivialObjective(objective)
@@ -101,11 +101,11 @@ def build_step(cfg: PretrainConfig, method: bool) -> tuple[StepContext, Batch]:
     set_schedule(optimizer, 1e-4, 0.04)
     ctx = StepContext(
         model,
-        student,
+        parallel,
         objective,
         optimizer,
         device,
-        autocast_dtype(cfg.train.precision, device),
+        dtype,
         cfg.train.clip_grad,
         "stop",
     )

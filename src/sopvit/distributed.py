@@ -236,3 +236,27 @@ def _all_reduce(x: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
     y = x.to(_collective_device(x), copy=True)
     dist.all_reduce(y, op=op)
     return y.to(x.device)
+
+
+def local_shard(x: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``x``: the local shard of a DTensor (a parameter or gradient under FSDP), ``x``
+    itself otherwise. In-place ops on the result change ``x``."""
+    from torch.distributed.tensor import DTensor
+
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
+def shard_group(tensors: list[torch.Tensor]) -> dist.ProcessGroup | None:
+    """The process group ``tensors`` are sharded over (FSDP), or None when none is sharded.
+
+    Raises:
+        ValueError: some are sharded and some are not (a model sharded in part).
+    """
+    from torch.distributed.tensor import DTensor
+
+    sharded = [x for x in tensors if isinstance(x, DTensor)]
+    if not sharded:
+        return None
+    if len(sharded) != len(tensors):
+        raise ValueError(f"{len(sharded)} of {len(tensors)} tensors are sharded: shard all or none")
+    return sharded[0].device_mesh.get_group()

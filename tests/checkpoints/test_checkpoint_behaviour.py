@@ -11,10 +11,10 @@ from sopvit.checkpoints.checkpoint import (
     FORMAT_VERSION,
     LATEST,
     CheckpointError,
-    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from sopvit.checkpoints.run_dir import latest_checkpoint
 
 
 def test_round_trip_adds_the_format_version_and_leaves_no_temporary_file(tmp_path: Path) -> None:

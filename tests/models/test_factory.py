@@ -19,6 +19,8 @@ EXPECTED = {
     "vit_small_patch16_224": (384, 16),
     "vit_base_patch16_224": (768, 16),
     "vit_large_patch16_224": (1024, 16),
+    "vit_huge_patch14_224": (1280, 14),
+    "vit_giant_patch14_224": (1536, 14),
     "vit_tiny_patch8_224": (192, 8),
     "vit_small_patch8_224": (384, 8),
     "vit_base_patch8_224": (768, 8),

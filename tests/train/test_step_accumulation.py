@@ -171,7 +171,7 @@ class _RecordingDDP(DistributedDataParallel):
 def test_ddp_synchronises_gradients_only_on_the_last_micro_batch(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, "train.accum_steps=3")
     ddp = _RecordingDDP(trainer.model.student)
-    trainer.ctx.student = ddp
+    trainer.ctx.parallel.student = ddp
     train_step(trainer.ctx, _batches(trainer, 3), trainer.schedules.at(0), 0)
     assert ddp.forwards == [True, True, False]
 

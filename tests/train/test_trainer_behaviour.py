@@ -14,8 +14,9 @@ import torch
 from sopvit.checkpoints.checkpoint import load_checkpoint, save_checkpoint
 from sopvit.config import ConfigError
 from sopvit.train import trainer as trainer_module
+from sopvit.train.resume import check_compatible
 from sopvit.train.schedules import Schedules
-from sopvit.train.trainer import Trainer, check_compatible
+from sopvit.train.trainer import Trainer
 from tests.train.tiny import edit_batches, poison, tiny_config
 
 # tiny_config: 128 images, 16 per micro-batch -> 8 micro-batches an epoch, 2 epochs.
@@ -75,7 +76,9 @@ def test_cpu_training_uses_explicit_attention_in_both_encoders(tmp_path: Path) -
 
 def test_compile_compiles_every_block_of_both_encoders_in_place(tmp_path: Path) -> None:
     trainer = Trainer(tiny_config(tmp_path, "train.compile=true"))  # compiles lazily: nothing runs here
-    assert trainer.ctx.student is trainer.student is trainer.model.student  # the step calls the module itself
+    assert (
+        trainer.ctx.parallel.student is trainer.student is trainer.model.student
+    )  # the step calls the module itself
     for encoder in (trainer.model.student, trainer.model.teacher):
         blocks = list(encoder.backbone.model.blocks)
         assert len(blocks) == 2 and all(b._compiled_call_impl is not None for b in blocks)
@@ -282,7 +285,7 @@ def test_a_run_shorter_than_one_step_still_trains_one_uncompiled_unfrozen(tmp_pa
     trainer = Trainer(tiny_config(tmp_path, "train.epochs=0.05"))  # 0.05 x 8 steps rounds to 0
     assert trainer.total_steps == trainer.stop_step == 1
     # compile defaults to off: the step calls the student itself
-    assert trainer.student is trainer.model.student and trainer.ctx.student is trainer.model.student
+    assert trainer.student is trainer.model.student and trainer.ctx.parallel.student is trainer.model.student
     assert trainer.ctx.frozen == {}  # only DINO-family heads freeze their last layer
 
 

@@ -77,8 +77,3 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             f"checkpoint {path} has format version {version}; this sopvit reads versions {readable}"
         )
     return state
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    path = Path(run_dir) / LATEST
-    return path if path.is_file() else None

@@ -91,6 +91,11 @@ _TORCH_ADVICE = (
 )
 
 
+def safe_torch_globals() -> Any:
+    """The context in which ``torch.load(weights_only=True)`` also accepts the allowlist's types."""
+    return torch.serialization.safe_globals(_TORCH_ALLOWED)
+
+
 def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(path)`` that refuses, with :class:`UnsafeFileError`, any type outside the allowlist.
 
@@ -105,7 +110,7 @@ def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> An
     if unsafe:
         raise _refusal(path, unsafe, _TORCH_ADVICE)
     try:
-        with torch.serialization.safe_globals(_TORCH_ALLOWED):
+        with safe_torch_globals():
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         # torch wraps the reason in advice to retry with weights_only=False: exactly what must not happen.

@@ -15,8 +15,10 @@ from typing import Any, cast
 import timm
 from torch import Tensor
 
-from sopvit.checkpoints.checkpoint import LATEST, CheckpointError, load_checkpoint
+from sopvit.checkpoints.checkpoint import LATEST, CheckpointError
+from sopvit.checkpoints.run_dir import checkpoint_path, is_run_dir, read_checkpoint
 from sopvit.checkpoints.safe_load import UnsafeFileError, load_torch, read_or_explain
+from sopvit.checkpoints.sharded import is_sharded
 from sopvit.config import ConfigError, apply_overrides
 from sopvit.config.coerce import merge
 from sopvit.export.hf import CONFIG_JSON, TORCH_WEIGHTS, WEIGHTS, is_hub_config, load_hub_folder
@@ -35,18 +37,6 @@ def _require(path: str | Path) -> Path:
     return path
 
 
-def checkpoint_path(source: str | Path) -> Path:
-    """The checkpoint file of a run directory (``<dir>/checkpoint.pt``) or ``source`` itself."""
-    path = _require(source)
-    if path.is_dir():
-        path = path / LATEST
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{source} is a directory without a {LATEST} (not a sopvit run directory)"
-            )
-    return path
-
-
 def config_from_dict(values: Mapping[str, Any], where: Path) -> PretrainConfig:
     """Rebuild the typed config that a checkpoint stores as a plain dict (``config_to_dict``)."""
     try:
@@ -59,10 +49,11 @@ def config_from_dict(values: Mapping[str, Any], where: Path) -> PretrainConfig:
 
 
 def read_run(source: str | Path) -> tuple[dict[str, Any], PretrainConfig, Path]:
-    """``(checkpoint dict, its PretrainConfig, checkpoint path)`` of a run directory or checkpoint file."""
+    """``(checkpoint dict, its PretrainConfig, checkpoint path)`` of a run directory, a checkpoint file or
+    a sharded checkpoint directory (gathered here into whole tensors)."""
     path = checkpoint_path(source)
     try:
-        state = load_checkpoint(path)
+        state = read_checkpoint(path)
     except CheckpointError as err:
         raise ValueError(f"{path} is not a readable sopvit checkpoint: {err}") from err
     missing = [k for k in ("teacher", "config") if k not in state]
@@ -141,7 +132,7 @@ def _backbone_from(meta: Mapping[str, Any], weights: Mapping[str, Tensor], where
 def load_pretrained(path: str | Path) -> Backbone:
     """Teacher backbone, in eval mode and trainable (``requires_grad``, ready to fine-tune), from any of:
 
-    - a run directory or its ``checkpoint.pt``;
+    - a run directory, its ``checkpoint.pt`` or its sharded checkpoint directory (FSDP runs);
     - an exported ``hf``/``safetensors`` folder, or its ``model.safetensors``: timm's Hub layout (written
       since format 2, or by timm's ``save_for_hf`` for a ViT or Swin) or sopvit's format 1;
     - a ``timm`` ``.pth`` export with its ``timm_args.json`` next to it.
@@ -156,7 +147,7 @@ def load_pretrained(path: str | Path) -> Backbone:
 def _load(path: str | Path) -> Backbone:
     path = _require(path)
     folder = path if path.is_dir() else path.parent
-    if path.is_dir() and (path / LATEST).is_file():
+    if is_run_dir(path) or is_sharded(path):
         state, cfg, _ = read_run(path)
         return teacher_encoder(state, cfg).backbone
     weights_in_folder = (folder / WEIGHTS).is_file() or (folder / TORCH_WEIGHTS).is_file()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sopvit.checkpoints.checkpoint import latest_checkpoint
+from sopvit.checkpoints.run_dir import latest_checkpoint
 from sopvit.config import load_config
 from sopvit.launch.options import (
     EXAMPLE,

@@ -282,6 +282,13 @@ class Backbone(nn.Module):
         for block in blocks:
             block.compile()
 
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one: each ViT block, or each Swin stage (its blocks shift
+        windows and merge patches between them, so a stage is the smallest unit with one input and one
+        output)."""
+        m = self._timm
+        return list(m.layers) if self.kind == "swin" else list(m.blocks)
+
     def set_fused_attention(self, enable: bool) -> None:
         """Choose timm's fused SDPA kernel or explicit softmax(QK^T)V attention.
 

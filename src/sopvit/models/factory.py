@@ -42,6 +42,13 @@ ARCHS: dict[str, ArchSpec] = {
     "vit_small_patch16_224": ArchSpec("vit", "vit_small_patch16_224", description="ViT-S/16, D=384"),
     "vit_base_patch16_224": ArchSpec("vit", "vit_base_patch16_224", description="ViT-B/16, D=768"),
     "vit_large_patch16_224": ArchSpec("vit", "vit_large_patch16_224", description="ViT-L/16, D=1024"),
+    # Beyond the paper (no published SOP number): ViT-H/14, and ViT-g/14 in DINOv2's shape (D=1536, 40
+    # blocks, 24 heads, SwiGLU MLP, layer scale), at 224 px rather than DINOv2's 518. Sharded training
+    # (train.parallel=fsdp) makes them fit: docs/scale.md.
+    "vit_huge_patch14_224": ArchSpec("vit", "vit_huge_patch14_224", description="ViT-H/14, D=1280"),
+    "vit_giant_patch14_224": ArchSpec(
+        "vit", "vit_giant_patch14_dinov2", description="ViT-g/14 (DINOv2's giant), D=1536"
+    ),
     # timm registers no tiny/large patch-8 models; the patch-16 entries with patch_size=8 are the same nets.
     "vit_tiny_patch8_224": ArchSpec(
         "vit", "vit_tiny_patch16_224", {"patch_size": 8}, description="ViT-Ti/8, D=192"

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from sopvit.distributed import local_shard
 from sopvit.models.backbone import Backbone
 from sopvit.models.factory import create_backbone
 from sopvit.models.head import ProjectionHead
@@ -240,7 +241,10 @@ class StudentTeacher(nn.Module):
             raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
         t_params, s_params, buffers = self._ema_lists()
         if momentum < 1.0:
-            torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+            # Local shards under FSDP: a teacher shard lies on the rank of its student shard.
+            torch._foreach_lerp_(
+                [local_shard(t) for t in t_params], [local_shard(s) for s in s_params], 1.0 - momentum
+            )
         for t_buf, s_buf in buffers:
             t_buf.copy_(s_buf)
 

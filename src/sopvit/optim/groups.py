@@ -6,7 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from sopvit.distributed import local_shard, shard_group
 
 # timm's parameter-group rules (1-D parameters and a model's own list never decayed) serve pre-training
 # here, fine-tuning's layer-wise lr decay (eval/finetune_model.py) and semi-supervised fine-tuning.
@@ -58,10 +61,21 @@ def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: floa
 
 @torch.no_grad()
 def clip_per_parameter(parameters: list[nn.Parameter], max_norm: float) -> None:
-    """Scale each parameter's gradient to norm <= max_norm on its own (DINO/iBOT), not the global norm."""
+    """Scale each parameter's gradient to norm <= max_norm on its own (DINO/iBOT), not the global norm.
+
+    Sharded gradients (FSDP) are clipped by their whole norm: the squared norms of the local shards are
+    summed over ranks in one all-reduce.
+    """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads or max_norm <= 0:
         return
-    norms = torch._foreach_norm(grads)
+    group = shard_group(grads)
+    local = [local_shard(g) for g in grads]
+    if group is None:
+        norms = list(torch._foreach_norm(local))
+    else:
+        squares = torch.stack(torch._foreach_norm(local)).square()
+        dist.all_reduce(squares, group=group)
+        norms = list(squares.sqrt().unbind())
     scales = [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms]
-    torch._foreach_mul_(grads, scales)
+    torch._foreach_mul_(local, scales)

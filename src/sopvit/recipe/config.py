@@ -44,7 +44,11 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    compile: bool = False
+    compile: bool = False  # compile each transformer block (torch.compile)
+    # ddp: every rank holds the whole model; fsdp: parameters, gradients and optimizer state sharded over
+    # ranks (FSDP2), for models that do not fit one GPU with DDP (docs/scale.md)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False  # recompute each student block's activations in backward
     on_nan: Literal["stop", "skip"] = "stop"
 
     def validate(self) -> None:

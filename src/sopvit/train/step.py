@@ -4,12 +4,10 @@ loss, the update, then the objective's own update (memories, centers)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from sopvit.data.pipeline import Batch
 from sopvit.device import autocast
@@ -17,6 +15,7 @@ from sopvit.distributed import all_reduce_min
 from sopvit.methods.interface import Objective, ScheduleValues, StudentOutputs, TeacherOutputs
 from sopvit.models import StudentTeacher
 from sopvit.optim.groups import clip_per_parameter
+from sopvit.train.parallel import Parallel
 
 
 class NonFiniteLossError(RuntimeError):
@@ -26,7 +25,7 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class StepContext:
     model: StudentTeacher
-    student: nn.Module  # model.student, wrapped in DDP when distributed
+    parallel: Parallel  # the student to call (wrapped by its parallel mode) and gradient sync
     objective: Objective
     optimizer: torch.optim.Optimizer
     device: torch.device
@@ -73,19 +72,14 @@ def train_step(
             masks = torch.zeros_like(masks)
         b = crops[0].shape[0]
         last = i == len(batches) - 1
-        sync = (
-            nullcontext()
-            if last or not isinstance(ctx.student, DistributedDataParallel)
-            else ctx.student.no_sync()
-        )
         # Only the tokens the method asks for go through the head: the head costs a few blocks per token.
         plan = ctx.objective.plan_tokens(masks)
         global_masks = [masks[:b], masks[b:]] + [None] * (len(crops) - 2)
-        with sync, ctx.autocast():
+        with ctx.parallel.accumulate(last), ctx.autocast():
             with torch.no_grad():
                 out = ctx.model.teacher(torch.cat(crops[:2]), select=plan.teacher)
             teacher = TeacherOutputs(out["cls"], out["patch"], masks, plan, batch.ids.to(ctx.device))
-            outs = ctx.student(crops, global_masks, select=global_masks)
+            outs = ctx.parallel.student(crops, global_masks, select=global_masks)
             student = StudentOutputs(
                 cls=torch.cat([o["cls"] for o in outs]),
                 tokens=torch.cat([outs[0]["patch"], outs[1]["patch"]]),

@@ -4,92 +4,31 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import warnings
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from sopvit import distributed as dist
-from sopvit.checkpoints.checkpoint import (
-    FORMAT_VERSION,
-    CheckpointError,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from sopvit.config import ConfigError, config_to_dict, save_config
+from sopvit.checkpoints.checkpoint import CheckpointError
+from sopvit.checkpoints.run_dir import latest_checkpoint
+from sopvit.checkpoints.sharded import remove_stale
+from sopvit.config import config_to_dict, save_config
 from sopvit.data.pipeline import Batch, PretrainInputs
 from sopvit.device import autocast_dtype, resolve_device
-from sopvit.methods import get_method
 from sopvit.optim.groups import build_optimizer, set_schedule
 from sopvit.recipe import PretrainConfig, build_model, build_objective
 from sopvit.train.monitor import Monitor
+from sopvit.train.parallel import prepare
+from sopvit.train.resume import RunState, restore_rng, rng_state
 from sopvit.train.schedules import Schedules
 from sopvit.train.step import StepContext, train_step
 from sopvit.train.stop import StopSignals, record_stop
 
 logger = logging.getLogger(__name__)
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def _set_rng_state(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-# Settings that fix tensor shapes: a run can only continue with the same values (and the same method).
-_SHAPE_KEYS = {
-    "model": (
-        "arch",
-        "patch_size",
-        "embed_dim",
-        "depth",
-        "num_heads",
-        "head_hidden_dim",
-        "head_bottleneck_dim",
-        "head_layers",
-    ),
-    "data": ("in_chans",),
-}
-
-
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse, naming the key, to resume a run whose method, architecture or memories differ from the
-    config (runs written before ``method`` existed are SOP runs)."""
-    old_method, method = saved.get("method", "sop"), current["method"]
-    if old_method != method:
-        raise ConfigError(
-            f"the run in {path.parent} was trained with method={old_method}, this config has {method}: "
-            "use another run.output_dir or the run's own config.yaml",
-            "method",
-        )
-    for section, keys in {**_SHAPE_KEYS, method: get_method(method).shape_keys}.items():
-        for key in keys:
-            old, new = saved.get(section, {}).get(key), current[section][key]
-            if old != new:
-                raise ConfigError(
-                    f"the run in {path.parent} was trained with {section}.{key}={old}, "
-                    f"this config has {new}: use another run.output_dir or the run's own config.yaml",
-                    f"{section}.{key}",
-                )
 
 
 class Trainer:
@@ -110,15 +49,14 @@ class Trainer:
         )
         # Any: callers (tests, the gallery) reach the method's own state, e.g. SOP's memories.
         self.objective: Any = build_objective(cfg, self.device)
-        if cfg.train.compile:
-            self.model.compile_blocks()
-        student: nn.Module = self.model.student
-        if self.world > 1:
-            student = DistributedDataParallel(
-                student, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        self.student = student
+        bf16 = autocast_dtype(t.precision, self.device) is not None
+        self.parallel = prepare(self.model, t, self.device, self.world, bf16)
+        self.student = self.parallel.student
+        # After sharding: the optimizer holds the sharded parameters.
         self.optimizer = build_optimizer(self.model.student, self.device)
+        self.run_state = RunState(
+            self.model, self.optimizer, self.objective, self.parallel.sharded_checkpoints
+        )
         steps_per_epoch = self.inputs.plan.steps_per_epoch // t.accum_steps
         self.total_steps = max(1, round(t.epochs * steps_per_epoch))
         self.stop_step = min(self.total_steps, t.max_steps or self.total_steps)
@@ -126,7 +64,7 @@ class Trainer:
         self.schedules = Schedules.for_run(t, steps_per_epoch, self.total_steps, global_batch)
         self.ctx = StepContext(
             self.model,
-            self.student,
+            self.parallel,
             self.objective,
             self.optimizer,
             self.device,
@@ -150,7 +88,9 @@ class Trainer:
         if dist.is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             for stale in self.run_dir.glob(".*.tmp-*"):  # a write cut short by a kill; never a checkpoint
-                stale.unlink(missing_ok=True)
+                if stale.is_file():
+                    stale.unlink(missing_ok=True)
+            remove_stale(self.run_dir)
         dist.barrier()
         path = latest_checkpoint(self.run_dir)
         if path is not None and not self.cfg.run.resume:
@@ -163,56 +103,30 @@ class Trainer:
         if dist.is_main_process():
             save_config(self.cfg, self.run_dir / "config.yaml")
 
-    def state(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
-        """Everything a resumed run needs; ``rng`` holds every rank's RNG states, in rank order."""
-        return {
+    def save(self) -> None:
+        names, params = zip(*self.model.student.named_parameters(), strict=True)
+        # Every rank agrees (one collective): under FSDP each checks only its own shards.
+        local = torch.stack([torch.isfinite(dist.local_shard(p)).all() for p in params]).int()
+        finite: list[int] = dist.all_reduce_min(local).tolist()
+        if not all(finite):
+            name = names[finite.index(0)]
+            raise CheckpointError(f"refusing to checkpoint step {self.step}: student.{name} holds NaN/Inf")
+        # Each rank draws its own drop-path stream: all of them are saved, or rank r > 0 would resume on
+        # rank 0's stream and drift from the uninterrupted run.
+        meta = {
             "step": self.step,
             "config": config_to_dict(self.cfg),
             "arch": self.cfg.model.arch,
-            "student": self.model.student.state_dict(),
-            "teacher": self.model.teacher.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "objective": self.objective.state_dict(),
             "skipped_files": self.skipped_files,
-            "rng": rng,
+            "rng": dist.all_gather_objects(rng_state()),
         }
-
-    def save(self) -> None:
-        for name, p in self.model.student.named_parameters():
-            if not torch.isfinite(p).all():
-                raise CheckpointError(
-                    f"refusing to checkpoint step {self.step}: student.{name} holds NaN/Inf"
-                )
-        # Each rank draws its own drop-path stream: all of them are saved, or rank r > 0 would resume on
-        # rank 0's stream and drift from the uninterrupted run.
-        rng = dist.all_gather_objects(_rng_state())
-        if dist.is_main_process():
-            save_checkpoint(self.state(rng), self.run_dir / "checkpoint.pt")
-        dist.barrier()
+        self.run_state.save(self.run_dir, meta)
 
     def load(self, path: Path) -> None:
-        state = load_checkpoint(path)
-        if state["format_version"] != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{path} was written by an older sopvit (format {state['format_version']}) whose optimizer "
-                f"groups differ from this version's (format {FORMAT_VERSION}), so the run cannot resume "
-                "exactly; export or evaluate it as it is, or start a new run.output_dir"
-            )
-        check_compatible(state.get("config", {}), config_to_dict(self.cfg), path)
-        self.model.student.load_state_dict(state["student"])
-        self.model.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.objective.load_state_dict(state["objective"])
-        self.step, self.skipped_files = int(state["step"]), int(state["skipped_files"])
-        saved = state["rng"]
-        if isinstance(saved, dict):  # written before every rank's states were kept
-            saved = [saved]
-        if len(saved) == self.world:
-            _set_rng_state(saved[self.rank])
-        else:
-            # Another world size cannot continue every rank's stream; keep ranks distinct and reproducible.
-            _set_rng_state(saved[0])
-            torch.manual_seed(self.cfg.train.seed + 1000 * self.step + self.rank)
+        meta = self.run_state.load(path, config_to_dict(self.cfg))
+        self.step, self.skipped_files = int(meta["step"]), int(meta["skipped_files"])
+        seed = self.cfg.train.seed + 1000 * self.step + self.rank
+        restore_rng(meta["rng"], self.world, self.rank, seed)
 
     def fit(self) -> dict[str, float]:
         """Train from ``self.step`` to the end (or ``train.max_steps``), or until a stop signal (then

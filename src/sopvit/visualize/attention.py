@@ -13,7 +13,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import v2
 
-from sopvit.checkpoints.checkpoint import LATEST, load_checkpoint
+from sopvit.checkpoints.run_dir import checkpoint_path, read_checkpoint
 from sopvit.config.coerce import merge
 from sopvit.config.loader import validate_config
 from sopvit.data.eval_transforms import EvalTransform
@@ -38,12 +38,11 @@ def load_run(run_dir_or_checkpoint: str | Path) -> Run:
     The config comes from the checkpoint itself rather than ``config.yaml``, so a checkpoint copied
     away from its run directory is still self-describing.
     """
-    path = Path(run_dir_or_checkpoint)
-    checkpoint = path / LATEST if path.is_dir() else path
-    if not checkpoint.is_file():
-        where = f"run directory {path} has no {LATEST}" if path.is_dir() else f"{path} does not exist"
-        raise FileNotFoundError(f"cannot load a sopvit run: {where}")
-    state = load_checkpoint(checkpoint)
+    try:
+        checkpoint = checkpoint_path(run_dir_or_checkpoint)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"cannot load a sopvit run: {err}") from err
+    state = read_checkpoint(checkpoint)
     if not isinstance(state.get("config"), dict):
         raise ValueError(f"checkpoint {checkpoint} holds no 'config' mapping; was it written by sopvit?")
     config = merge(pretrain_config_type(), None, upgrade_saved(state["config"]), "")
