@@ -174,7 +174,8 @@ class RunState:
         student, teacher = self.model.student, self.model.teacher
         set_model_state_dict(student, state["student"])
         set_model_state_dict(teacher, state["teacher"])
-        set_optimizer_state_dict(student, self.optimizer, state["optimizer"])
+        partial = StateDictOptions(strict=False)  # the frozen parameters' state is absent, as saved
+        set_optimizer_state_dict(student, self.optimizer, state["optimizer"], options=partial)
         params = dict(student.named_parameters())
         for name in absent:
             self.optimizer.state.pop(params[name], None)
