@@ -22,6 +22,9 @@ import io
 import os
 import pickle
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,14 @@ POINTER = "checkpoint.latest"
 META = "sopvit.pt"
 _PREFIX = "checkpoint-"
 _TMP_SUFFIX = ".tmp-dcp"
+
+
+@contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    # DCP warns on every single-process save or load, which is how a one-process run is meant to use it.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+        yield
 
 
 def sharded_name(step: int) -> str:
@@ -93,7 +104,8 @@ def save_sharded(tensors: dict[str, Any], meta: dict[str, Any], run_dir: Path, s
         if dist.is_main_process():
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
-        dcp.save(tensors, checkpoint_id=tmp, no_dist=not dist.is_distributed())
+        with _single_process_quiet():
+            dcp.save(tensors, checkpoint_id=tmp, no_dist=not dist.is_distributed())
         dist.barrier()
         if dist.is_main_process():
             save_checkpoint(meta, tmp / META)
@@ -210,7 +222,8 @@ def load_sharded(state: dict[str, Any], path: Path) -> None:
     from the checkpoint at ``path``, resharding as needed. A collective under a process group."""
     try:
         reader, single = _SafeReader(path), not dist.is_distributed()
-        dcp.load(state, storage_reader=reader, planner=_SafePlanner(), no_dist=single)
+        with _single_process_quiet():
+            dcp.load(state, storage_reader=reader, planner=_SafePlanner(), no_dist=single)
     except (UnsafeFileError, CheckpointError):
         raise
     except Exception as err:
