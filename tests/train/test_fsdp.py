@@ -259,3 +259,41 @@ def test_a_sharded_checkpoint_taken_while_the_prototypes_are_frozen_resumes_exac
         for key, value in straight[part].items():
             if torch.is_tensor(value):
                 assert torch.equal(resumed[part][key], value), (part, key)
+
+
+def _bf16_rank(rank: int, run_dir: Path, out: Path) -> None:
+    flags = ("train.parallel=fsdp", "train.precision=bf16", "train.max_steps=1")
+    trainer = Trainer(tiny_config(run_dir, *flags))
+    seen: list[torch.dtype] = []
+    block = trainer.model.student.backbone.model.blocks[0]
+    block.register_forward_pre_hook(lambda module, args: seen.append(module.attn.qkv.weight.dtype))
+    row = trainer.fit()
+    masters = {p.dtype for p in trainer.model.student.parameters()}
+    if rank == 0:
+        torch.save({"seen": seen, "masters": masters, "loss": row["loss"]}, out)
+
+
+@pytest.mark.slow
+def test_bf16_runs_on_bf16_parameters_over_float32_shards(tmp_path: Path) -> None:
+    run_gloo_ranks(_bf16_rank, 2, tmp_path, tmp_path / "out.pt")
+    out = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert set(out["seen"]) == {torch.bfloat16}  # FSDP gathers bf16 copies for compute
+    assert out["masters"] == {torch.float32}  # the sharded weights the optimizer updates stay float32
+    assert torch.isfinite(torch.tensor(out["loss"]))
+
+
+@pytest.mark.slow
+def test_a_single_file_checkpoint_continues_sharded_on_two_ranks(tmp_path: Path) -> None:
+    """checkpoint.pt (one process, ddp) -> 2 sharded ranks with the same global batch: the optimizer state
+    is matched to its parameters by name and split into shards."""
+    Trainer(tiny_config(tmp_path / "straight", *EXACT, "train.max_steps=4")).fit()
+    Trainer(tiny_config(tmp_path / "grown", *EXACT, "train.max_steps=2")).fit()
+    assert (tmp_path / "grown" / "checkpoint.pt").is_file()
+    sharded_args = (*EXACT, "train.max_steps=4", "train.batch_size=8", "train.parallel=fsdp")
+    run_gloo_ranks(_fit_rank, 2, tmp_path / "grown", sharded_args)
+    grown = _checkpoint(tmp_path / "grown")
+    straight = read_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    assert grown["step"] == 4
+    assert _losses(tmp_path / "grown")[2:] == pytest.approx(_losses(tmp_path / "straight")[2:], rel=1e-4)
+    for key, value in straight["teacher"].items():
+        torch.testing.assert_close(grown["teacher"][key], value, rtol=1e-4, atol=1e-5, msg=key)
