@@ -112,6 +112,14 @@ def build_step(cfg: PretrainConfig, method: bool) -> tuple[StepContext, Batch]:
     return ctx, synthetic_batch(cfg, model.student.backbone.grid_size(cfg.data.global_size), device)
 
 
+def run_one_step(cfg: PretrainConfig) -> torch.device:
+    """One training step of the configured method, for ``bench --memory --measure``'s peak memory."""
+    ctx, batch = build_step(cfg, method=True)
+    train_step(ctx, [batch], VALUES, 0)
+    synchronize(ctx.device)
+    return ctx.device
+
+
 def time_objective(ctx: StepContext, batch: Batch, warmup: int, steps: int) -> float:
     """Median ms of the method's objective alone (loss, backward, its own update: prototypes and memories
     for SOP, centers for iBOT/DINO) on random head outputs shaped like the step's: the method's share."""

@@ -53,8 +53,12 @@ def _bench(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from sopvit.bench import format_table, run_benchmark, save_json
+    from sopvit.bench import format_table, run_benchmark, run_one_step, save_json
 
+    if args.memory or args.markdown or args.measure or args.measure_child:  # all imply --memory
+        from sopvit.bench_memory import memory_command
+
+        return memory_command(args, run_one_step)
     with tempfile.TemporaryDirectory() as scratch:
         # Without data.path, image-folder recipes time decoding on synthetic JPEGs written here.
         given = any(o.startswith("data.path=") for o in args.overrides)
@@ -220,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--peak-tflops", type=float, default=None, help="device bf16 peak for MFU (known GPUs: auto)"
     )
     b.add_argument("--json", help="also write the result here")
+    b.add_argument("--memory", action="store_true", help="per-rank memory, DDP/FSDP, 1..64 ranks (no run)")
+    b.add_argument("--markdown", action="store_true", help="--memory: a markdown table (1, 8, 64 ranks)")
+    b.add_argument("--arch", action="append", help="--memory: this arch (repeatable; default ViT-S..g)")
+    b.add_argument("--world-sizes", help="--memory: comma-separated rank counts (default 1,2,4,...,64)")
+    b.add_argument(
+        "--precision", choices=["fp32", "bf16"], help="--memory: FSDP's gathered dtype; --measure runs in it"
+    )
+    b.add_argument("--measure", action="store_true", help="--memory: measure one step's peak (first --arch)")
+    b.add_argument("--batch-size", type=int, help="--memory --measure: per-rank batch (default: recipe's)")
+    b.add_argument("--measure-child", action="store_true", help=argparse.SUPPRESS)
     b.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=64 train.compile=true"
     )
@@ -229,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[debug_flag],
         help="export the teacher backbone (timm, safetensors, Hugging Face folder, ONNX)",
     )
-    e.add_argument("--checkpoint", required=True, help="run directory or checkpoint.pt")
+    e.add_argument(
+        "--checkpoint", required=True, help="run directory, its checkpoint.pt or checkpoint-NNNNNN directory"
+    )
     e.add_argument("--format", required=True, choices=["timm", "safetensors", "hf", "onnx"])
     e.add_argument("--out", required=True, help="output folder (or .pth / .onnx file)")
     e.add_argument("--include-head", action="store_true", help="also export the projection head")
@@ -240,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="last-layer [CLS] attention maps, or the learned prototypes as images",
     )
     v.add_argument("what", choices=["attention", "prototypes"])
-    v.add_argument("--checkpoint", required=True, help="run directory or checkpoint.pt")
+    v.add_argument(
+        "--checkpoint", required=True, help="run directory, its checkpoint.pt or checkpoint-NNNNNN directory"
+    )
     v.add_argument("--image", help="image for the attention maps")
     v.add_argument("--data", help="data set path for prototype images (default: the run's data.path)")
     v.add_argument("--out", help="PNG to write (default: attention.png / prototypes.png)")
@@ -272,7 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ev.add_argument("name", metavar="PROTOCOL", help=f"one of {', '.join(protocols)} (see below)")
-    ev.add_argument("--checkpoint", required=True, help="run directory, checkpoint.pt or an export")
+    ev.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run directory, its checkpoint.pt or checkpoint-NNNNNN directory, or an export",
+    )
     ev.add_argument(
         "--arch", help="architecture of a bare state dict (timm or SOP/iBOT/DINO reference checkpoint)"
     )
