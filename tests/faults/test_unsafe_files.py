@@ -2,6 +2,7 @@
 
 Each crafted file would create ``target`` while being unpickled; every loader must refuse it naming the
 offending type and the file, and ``target`` must not exist afterwards. Real files of each kind still load.
+Sharded checkpoints (FSDP runs) hold two pickles: the DCP index ``.metadata`` and each non-tensor entry.
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ import pickle
 import re
 import shlex
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from sopvit.checkpoints.checkpoint import FORMAT_VERSION, load_checkpoint
+from sopvit.checkpoints.run_dir import read_checkpoint
 from sopvit.checkpoints.safe_load import UnsafeFileError
 from sopvit.cli import main
 from sopvit.eval.retrieval import load_gnd
@@ -222,3 +226,105 @@ def test_damaged_ground_truth_is_a_one_line_value_error(tmp_path: Path) -> None:
     (tmp_path / "gnd_roxford5k.pkl").write_bytes(b"\x80\x04garbage")
     with pytest.raises(ValueError, match="not a readable ground-truth pickle"):
         load_gnd(tmp_path, "roxford5k")
+
+
+# ------------------------------------------------------------------------------------- sharded checkpoints
+SHARDED = "checkpoint-000001"
+EVERY_PART = frozenset({"student", "teacher", "optimizer", "objective"})
+
+
+class Opaque:
+    """An object of a class no checkpoint holds: harmless, but its type is outside every allowlist."""
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("unsafe_sharded") / "run"
+    Trainer(tiny_config(path, "train.parallel=fsdp", "train.max_steps=1")).fit()
+    assert (path / SHARDED / ".metadata").is_file()
+    return path
+
+
+def _resume(run: Path) -> Trainer:
+    return Trainer(tiny_config(run, "train.parallel=fsdp", "train.max_steps=2"))
+
+
+@pytest.mark.parametrize("how", list(PAYLOADS))
+def test_crafted_sharded_index(
+    sharded_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
+) -> None:
+    target, shared = tmp_path / "ran", Path(shutil.copytree(sharded_run, tmp_path / "shared_run"))
+    index = shared / SHARDED / ".metadata"
+    index.write_bytes(pickle.dumps(RunsCode(how, target)))
+    refused = rf"refusing to load {re.escape(str(index))}: it asks for .*({PAYLOADS[how]})"
+    for source in (shared, shared / SHARDED):
+        with pytest.raises(UnsafeFileError, match=refused):
+            load_pretrained(source)
+    with pytest.raises(UnsafeFileError, match=refused):
+        _resume(shared)
+    out = str(tmp_path / "exported")
+    assert main(["export", "--checkpoint", str(shared), "--format", "hf", "--out", out]) == 2
+    one_line_error(capsys, index, how)
+    assert main(["pretrain", *TINY, f"run.output_dir={shared}", "train.parallel=fsdp"]) == 2
+    one_line_error(capsys, index, how)
+    assert not target.exists() and not Path(out).exists()
+
+
+def _with_bytes_entry(run: Path, tmp_path: Path, value: Any) -> Path:
+    """A copy of ``run`` whose checkpoint holds ``value`` where a real one holds an int (a memory bank's
+    write pointer, which DCP stores as a pickled bytes entry), saved by DCP itself."""
+    shared = Path(shutil.copytree(run, tmp_path / "shared_run"))
+    folder = shared / SHARDED
+    state = read_checkpoint(folder, EVERY_PART)
+    assert isinstance(state["objective"]["cls_bank._extra_state"]["pointer"], int)
+    state["objective"]["cls_bank._extra_state"]["pointer"] = value
+    for old in folder.iterdir():
+        if old.name != "sopvit.pt":
+            old.unlink()
+    with warnings.catch_warnings():  # DCP warns that one process saves alone, which is the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({part: state[part] for part in EVERY_PART}, checkpoint_id=folder, no_dist=True)
+    return shared
+
+
+BYTES_PAYLOADS = {"system": PAYLOADS["system"], "custom_class": r"tests\.faults\.test_unsafe_files\.Opaque"}
+
+
+@pytest.mark.parametrize("how", list(BYTES_PAYLOADS))
+def test_crafted_sharded_bytes_entry(
+    sharded_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
+) -> None:
+    target = tmp_path / "ran"
+    shared = _with_bytes_entry(
+        sharded_run, tmp_path, Opaque() if how == "custom_class" else RunsCode(how, target)
+    )
+    folder = shared / SHARDED
+    refused = rf"refusing to load {re.escape(str(folder))}: it asks for .*({BYTES_PAYLOADS[how]})"
+    for source in (shared, folder):
+        with pytest.raises(UnsafeFileError, match=refused):
+            load_pretrained(source)
+    assert main(["eval", "knn", "--checkpoint", str(shared)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.match(f"sopvit: error: {refused}", lines[0]), lines
+    assert "may be malicious" in lines[0]
+    assert not target.exists()
+
+
+def test_resuming_from_a_crafted_sharded_bytes_entry(sharded_run: Path, tmp_path: Path) -> None:
+    target = tmp_path / "ran"
+    shared = _with_bytes_entry(sharded_run, tmp_path, RunsCode("system", target))
+    try:
+        with pytest.raises(UnsafeFileError, match=rf"it asks for .*({PAYLOADS['system']})"):
+            _resume(shared)
+    finally:
+        assert not target.exists()  # refused, whichever way it is reported
+
+
+def test_real_sharded_checkpoint_loads_and_resumes(sharded_run: Path, tmp_path: Path) -> None:
+    """Every pickle a real sharded checkpoint holds passes the allowlists: the refusals are not blanket."""
+    load_pretrained(sharded_run)
+    copy = Path(shutil.copytree(sharded_run, tmp_path / "run"))
+    resumed = _resume(copy)
+    assert resumed.step == 1
+    resumed.fit()
+    assert (copy / "checkpoint.latest").read_text().strip() == "checkpoint-000002"

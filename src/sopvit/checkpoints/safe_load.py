@@ -113,15 +113,22 @@ def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> An
         with safe_torch_globals():
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch wraps the reason in advice to retry with weights_only=False: exactly what must not happen.
-        detail = str(err).partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
-        for pattern in _TORCH_REFUSALS:
-            match = pattern.search(detail)
-            if match:
-                raise _refusal(path, [match.group(1).strip()], _TORCH_ADVICE) from err
-        if not detail.strip():
-            raise
-        raise pickle.UnpicklingError(" ".join(detail.split())) from err
+        raise refusal_or_reason(path, err) from err
+
+
+def refusal_or_reason(path: Path, err: pickle.UnpicklingError) -> Exception:
+    """What a weights-only ``torch.load`` of ``path`` failing with ``err`` means: an
+    :class:`UnsafeFileError` naming the type it asked for, or the bare reason (torch wraps it in advice to
+    retry with ``weights_only=False``: exactly what must not happen)."""
+    text = str(err)
+    detail = (text.partition("WeightsUnpickler error:")[2] or text).partition("Check the documentation")[0]
+    for pattern in _TORCH_REFUSALS:
+        match = pattern.search(detail)
+        if match:
+            return _refusal(path, [match.group(1).strip()], _TORCH_ADVICE)
+    if not detail.strip():
+        return err
+    return pickle.UnpicklingError(" ".join(detail.split()))
 
 
 def _numpy_dtype(spec: Any, *args: Any) -> np.dtype[Any]:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
 from torch.distributed.checkpoint.planner import ReadItem
@@ -39,7 +40,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from sopvit import distributed as dist
 from sopvit.checkpoints.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from sopvit.checkpoints.safe_load import UnsafeFileError, safe_torch_globals
+from sopvit.checkpoints.safe_load import UnsafeFileError, refusal_or_reason, safe_torch_globals
 
 POINTER = "checkpoint.latest"
 META = "sopvit.pt"
@@ -163,14 +164,26 @@ _METADATA_CLASSES = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+    """The index asks for a global outside the allowlist (a damaged index raises other errors)."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         found = _METADATA_CLASSES.get((module, name))
         if found is None and module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             found = getattr(torch, name)
         if found is None:
-            raise pickle.UnpicklingError(f"{module}.{name}")
+            raise _Refused(f"{module}.{name}")
         return found
+
+
+def _unreadable(path: Path, err: BaseException) -> CheckpointError:
+    text = " ".join(str(err).split())
+    reason = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return CheckpointError(
+        f"sharded checkpoint {path} is unreadable ({reason}): it is damaged or was copied in part"
+    )
 
 
 class _SafeReader(FileSystemReader):
@@ -179,25 +192,28 @@ class _SafeReader(FileSystemReader):
         try:
             with open(path, "rb") as f:
                 metadata = _MetadataUnpickler(f).load()
-        except pickle.UnpicklingError as err:
+        except _Refused as err:
             raise UnsafeFileError(
                 f"refusing to load {path}: it asks for {err}, which a checkpoint index never holds and "
                 "which could run code (the directory may be malicious)"
             ) from err
+        except Exception as err:  # truncated, not a pickle, missing
+            raise _unreadable(path, err) from err
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = dcp_metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
 
-def _load_value(value: io.BytesIO) -> Any:
-    with safe_torch_globals():
-        return torch.load(value, weights_only=True)
-
-
 class _SafePlanner(DefaultLoadPlanner):
+    source = Path()  # the checkpoint read, for messages
+
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        loaded = _load_value(value)
+        try:
+            with safe_torch_globals():
+                loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise refusal_or_reason(self.source, err) from err
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
         else:
@@ -205,11 +221,25 @@ class _SafePlanner(DefaultLoadPlanner):
 
 
 class _SafeEmptyPlanner(_EmptyStateDictLoadPlanner):
+    source = Path()
     load_bytes = _SafePlanner.load_bytes
 
 
-def _explain(path: Path, err: Exception) -> CheckpointError:
-    return CheckpointError(f"sharded checkpoint {path} is unreadable ({type(err).__name__}: {err})")
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """One-line errors for whatever reading ``path`` raises. DCP wraps every rank's exception, with its
+    traceback, in a ``CheckpointException``, a ``BaseException`` that no ``except Exception`` catches."""
+    try:
+        yield
+    except (UnsafeFileError, CheckpointError):
+        raise
+    except CheckpointException as err:
+        cause = next((exc for exc, _ in err.failures.values()), err)
+        if isinstance(cause, UnsafeFileError | CheckpointError):
+            raise cause from err
+        raise _unreadable(path, cause) from err
+    except Exception as err:
+        raise _unreadable(path, err) from err
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -220,14 +250,12 @@ def read_meta(path: Path) -> dict[str, Any]:
 def load_sharded(state: dict[str, Any], path: Path) -> None:
     """Fill ``state`` (tensors shaped and placed as this run holds them, local shards under FSDP) in place
     from the checkpoint at ``path``, resharding as needed. A collective under a process group."""
-    try:
+    planner = _SafePlanner()
+    planner.source = Path(path)
+    with _reading(path), _single_process_quiet():
         reader, single = _SafeReader(path), not dist.is_distributed()
-        with _single_process_quiet():
-            dcp.load(state, storage_reader=reader, planner=_SafePlanner(), no_dist=single)
-    except (UnsafeFileError, CheckpointError):
-        raise
-    except Exception as err:
-        raise _explain(path, err) from err
+        reader.read_metadata()  # first, alone: DCP would retry a refused index as a per-rank one
+        dcp.load(state, storage_reader=reader, planner=planner, no_dist=single)
 
 
 def read_sharded(path: Path, parts: set[str]) -> dict[str, Any]:
@@ -236,22 +264,17 @@ def read_sharded(path: Path, parts: set[str]) -> dict[str, Any]:
     path = Path(path)
     state = read_meta(path)
     tensors: dict[str, Any] = {}
-    try:
+    planner = _SafeEmptyPlanner(keys=parts)
+    planner.source = path
+    with _reading(path):
+        reader = _SafeReader(path)
+        reader.read_metadata()  # first, alone: DCP would retry a refused index as a per-rank one
         # The loader itself: dcp.load fills a copy of the dict it is given, and this one starts empty.
-        planner = _SafeEmptyPlanner(keys=parts)
-        _load_state_dict(tensors, _SafeReader(path), no_dist=True, planner=planner)
-    except (UnsafeFileError, CheckpointError):
-        raise
-    except Exception as err:
-        raise _explain(path, err) from err
+        _load_state_dict(tensors, reader, no_dist=True, planner=planner)
     return {**state, **tensors}
 
 
 def saved_keys(path: Path) -> set[str]:
     """The flattened keys (``optimizer.state.<name>.exp_avg``, ...) a sharded checkpoint holds."""
-    try:
+    with _reading(path):
         return set(_SafeReader(path).read_metadata().state_dict_metadata)
-    except (UnsafeFileError, CheckpointError):
-        raise
-    except Exception as err:
-        raise _explain(Path(path), err) from err

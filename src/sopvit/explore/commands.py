@@ -67,7 +67,12 @@ def add_explore_parsers(sub: Any, debug_flag: argparse.ArgumentParser) -> None:
         parents=[debug_flag],
         help="the backbone's features of every image of a folder or of shards, as a Parquet table",
     )
-    em.add_argument("--checkpoint", required=True, help="run directory (adds the head column) or an export")
+    em.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run directory, its checkpoint.pt or checkpoint-NNNNNN directory (these add the head column), "
+        "or an export",
+    )
     em.add_argument("--data", required=True, help="image folder (class subfolders: labels) or tar shards")
     em.add_argument("--out", required=True, help="table folder to write, e.g. embeddings.parquet")
     em.add_argument("--feature", default="cls", help="cls (default), cls+avgpool or lastN, as sopvit eval")
@@ -87,7 +92,11 @@ def add_explore_parsers(sub: Any, debug_flag: argparse.ArgumentParser) -> None:
         parents=[debug_flag],
         help="assign each image of an embeddings table to its nearest prototype of the run",
     )
-    pa.add_argument("--checkpoint", required=True, help="the run directory the table was embedded with")
+    pa.add_argument(
+        "--checkpoint",
+        required=True,
+        help="the run the table was embedded with: its directory, checkpoint.pt or checkpoint-NNNNNN",
+    )
     pa.add_argument("--embeddings", required=True, help="table written by sopvit embed from that run")
     pa.add_argument("--out", required=True, help="folder for assignments.parquet, prototypes.csv, index.html")
     pa.add_argument("--top", type=int, default=12, help="largest prototypes shown in index.html")

@@ -114,11 +114,13 @@ class Embedder:
 
 
 def load_embedder(checkpoint: str | Path) -> Embedder:
-    """Backbone + head of a run directory or its checkpoint; backbone alone of an export."""
+    """Backbone + head of a run directory or its checkpoint (``checkpoint.pt``, or the sharded
+    ``checkpoint-NNNNNN`` directory of an FSDP run, gathered here); backbone alone of an export."""
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(
-            f"--checkpoint {checkpoint} does not exist: pass a run directory, its checkpoint.pt or an export"
+            f"--checkpoint {checkpoint} does not exist: pass a run directory, its checkpoint.pt or "
+            "checkpoint-NNNNNN directory, or an export"
         )
     source = str(path.resolve())
     try:

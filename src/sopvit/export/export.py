@@ -138,7 +138,8 @@ def export(source: str | Path, fmt: ExportFormat, out: Path, include_head: bool 
     """Export the teacher backbone of a run.
 
     Args:
-        source: run directory (holding ``checkpoint.pt``) or a checkpoint file.
+        source: run directory (holding ``checkpoint.pt``, or ``checkpoint.latest`` and the sharded
+            ``checkpoint-NNNNNN`` directory it names), a checkpoint file or a sharded directory.
         fmt: ``"timm"``: ``backbone.pth`` (timm keys, loads strictly into the timm model) and
             ``timm_args.json``; ``"safetensors"``: folder in timm's Hub layout (``config.json``,
             ``model.safetensors`` and ``sopvit.safetensors``, which holds the mask token); ``"hf"``: that

@@ -16,9 +16,9 @@ import timm
 from torch import Tensor
 
 from sopvit.checkpoints.checkpoint import LATEST, CheckpointError
-from sopvit.checkpoints.run_dir import checkpoint_path, is_run_dir, read_checkpoint
+from sopvit.checkpoints.run_dir import checkpoint_path, is_run_dir, looks_sharded, read_checkpoint
 from sopvit.checkpoints.safe_load import UnsafeFileError, load_torch, read_or_explain
-from sopvit.checkpoints.sharded import is_sharded
+from sopvit.checkpoints.sharded import POINTER
 from sopvit.config import ConfigError, apply_overrides
 from sopvit.config.coerce import merge
 from sopvit.export.hf import CONFIG_JSON, TORCH_WEIGHTS, WEIGHTS, is_hub_config, load_hub_folder
@@ -50,7 +50,15 @@ def config_from_dict(values: Mapping[str, Any], where: Path) -> PretrainConfig:
 
 def read_run(source: str | Path) -> tuple[dict[str, Any], PretrainConfig, Path]:
     """``(checkpoint dict, its PretrainConfig, checkpoint path)`` of a run directory, a checkpoint file or
-    a sharded checkpoint directory (gathered here into whole tensors)."""
+    a sharded checkpoint directory (gathered here into whole tensors).
+
+    Raises:
+        FileNotFoundError: ``source`` is missing, or a directory without a checkpoint.
+        CheckpointError: the run's ``checkpoint.latest`` names a missing or incomplete directory, or
+            ``source`` is an incomplete sharded directory.
+        ValueError: the checkpoint is unreadable or not a training checkpoint (:class:`UnsafeFileError`
+            when it asks for a type that could run code).
+    """
     path = checkpoint_path(source)
     try:
         state = read_checkpoint(path)
@@ -70,14 +78,19 @@ def teacher_encoder(state: Mapping[str, Any], cfg: PretrainConfig) -> Encoder:
 
 
 def load_teacher_encoder(path: str | Path, needed_by: str = "this evaluation") -> Encoder:
-    """Teacher backbone + projection head, in eval mode and trainable, of a run directory or its checkpoint.
+    """Teacher backbone + projection head, in eval mode and trainable, of a run directory, its
+    ``checkpoint.pt`` or its sharded ``checkpoint-NNNNNN`` directory.
 
     Only a training checkpoint holds the head with its architecture; exports and bare state dicts are
-    refused with a one-line ``ValueError`` naming ``needed_by`` and what to pass instead.
+    refused with a one-line ``ValueError`` naming ``needed_by`` and what to pass instead. A run that cannot
+    be read raises what :func:`read_run` raises.
     """
     path = _require(path)
     folder = path if path.is_dir() else path.parent
-    hint = f"{needed_by} needs the teacher's projection head; pass the run directory (or its {LATEST})"
+    hint = (
+        f"{needed_by} needs the teacher's projection head; pass the run directory (or its {LATEST} or "
+        "checkpoint-NNNNNN directory)"
+    )
     export = (
         (path.is_dir() and (path / WEIGHTS).is_file())
         or path.suffix == ".safetensors"
@@ -90,6 +103,10 @@ def load_teacher_encoder(path: str | Path, needed_by: str = "this evaluation") -
     except UnsafeFileError:
         raise  # its message names the dangerous type
     except (FileNotFoundError, ValueError) as err:
+        if is_run_dir(path) or looks_sharded(path):
+            raise  # a run that cannot be read: the error says what is wrong with it
+        if path.is_dir():
+            raise ValueError(f"{err}: {hint}") from err
         raise ValueError(
             f"{path} is not a sopvit training checkpoint (an export or a bare state dict has no "
             f"projection head): {hint}"
@@ -132,7 +149,8 @@ def _backbone_from(meta: Mapping[str, Any], weights: Mapping[str, Tensor], where
 def load_pretrained(path: str | Path) -> Backbone:
     """Teacher backbone, in eval mode and trainable (``requires_grad``, ready to fine-tune), from any of:
 
-    - a run directory, its ``checkpoint.pt`` or its sharded checkpoint directory (FSDP runs);
+    - a run directory, its ``checkpoint.pt`` or its sharded ``checkpoint-NNNNNN`` directory (FSDP runs,
+      gathered here into whole tensors);
     - an exported ``hf``/``safetensors`` folder, or its ``model.safetensors``: timm's Hub layout (written
       since format 2, or by timm's ``save_for_hf`` for a ViT or Swin) or sopvit's format 1;
     - a ``timm`` ``.pth`` export with its ``timm_args.json`` next to it.
@@ -147,7 +165,7 @@ def load_pretrained(path: str | Path) -> Backbone:
 def _load(path: str | Path) -> Backbone:
     path = _require(path)
     folder = path if path.is_dir() else path.parent
-    if is_run_dir(path) or is_sharded(path):
+    if is_run_dir(path) or looks_sharded(path):  # read_run says what an incomplete one lacks
         state, cfg, _ = read_run(path)
         return teacher_encoder(state, cfg).backbone
     weights_in_folder = (folder / WEIGHTS).is_file() or (folder / TORCH_WEIGHTS).is_file()
@@ -169,6 +187,6 @@ def _load(path: str | Path) -> Backbone:
         state, cfg, _ = read_run(path)
         return teacher_encoder(state, cfg).backbone
     raise ValueError(
-        f"{path} is neither a sopvit run directory ({LATEST}) nor an exported folder "
-        f"({CONFIG_JSON} + {WEIGHTS}) nor a timm .pth next to its {TIMM_ARGS}"
+        f"{path} is not a sopvit run directory (no {LATEST} or {POINTER}), nor a sharded checkpoint "
+        f"directory, an exported folder ({CONFIG_JSON} + {WEIGHTS}) or a timm .pth next to its {TIMM_ARGS}"
     )

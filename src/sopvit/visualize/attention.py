@@ -33,7 +33,8 @@ class Run:
 
 
 def load_run(run_dir_or_checkpoint: str | Path) -> Run:
-    """Read ``run_dir/checkpoint.pt`` (or the given checkpoint file) and rebuild its config.
+    """Read a run's checkpoint (``checkpoint.pt``, or the sharded directory ``checkpoint.latest`` names,
+    gathered here into whole tensors), or the given checkpoint file or directory, and rebuild its config.
 
     The config comes from the checkpoint itself rather than ``config.yaml``, so a checkpoint copied
     away from its run directory is still self-describing.
