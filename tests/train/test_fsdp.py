@@ -290,10 +290,15 @@ def test_a_single_file_checkpoint_continues_sharded_on_two_ranks(tmp_path: Path)
     Trainer(tiny_config(tmp_path / "grown", *EXACT, "train.max_steps=2")).fit()
     assert (tmp_path / "grown" / "checkpoint.pt").is_file()
     sharded_args = (*EXACT, "train.max_steps=4", "train.batch_size=8", "train.parallel=fsdp")
-    run_gloo_ranks(_fit_rank, 2, tmp_path / "grown", sharded_args)
+    # The online k-NN runs the sharded teacher's backbone on its own, on every rank.
+    knn = ("run.knn_every=4", "run.knn_dataset=fashion_mnist", "run.knn_limit=64")
+    run_gloo_ranks(_fit_rank, 2, tmp_path / "grown", (*sharded_args, *knn))
+    rows = [json.loads(line) for line in (tmp_path / "grown" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "knn_top1" in r] == [4]
     grown = _checkpoint(tmp_path / "grown")
     straight = read_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     assert grown["step"] == 4
-    assert _losses(tmp_path / "grown")[2:] == pytest.approx(_losses(tmp_path / "straight")[2:], rel=1e-4)
+    losses = [r["loss"] for r in rows if "loss" in r][2:]
+    assert losses == pytest.approx(_losses(tmp_path / "straight")[2:], rel=1e-4)
     for key, value in straight["teacher"].items():
         torch.testing.assert_close(grown["teacher"][key], value, rtol=1e-4, atol=1e-5, msg=key)
