@@ -119,6 +119,7 @@ SAME: list[tuple[str, tuple[str, ...]]] = [
     ("train.device", ("train.device=cpu",)),
     ("train.precision", ("train.precision=fp32",)),  # what auto means on a CPU
     ("train.on_nan", ("train.on_nan=skip",)),  # no NaN here; NaNs: test_end_to_end.py test_nan_*
+    ("train.activation_checkpointing", ("train.activation_checkpointing=true",)),  # recomputed, same
     ("run.output_dir", ("run.output_dir={tmp}/elsewhere",)),
     (
         "run.resume",
@@ -134,6 +135,7 @@ SAME: list[tuple[str, tuple[str, ...]]] = [
 # Options checked by their own tests below or elsewhere, because two steps of training cannot show them.
 ELSEWHERE = {
     "train.compile": "tests/train/test_compile.py (3 compiled steps against eager)",
+    "train.parallel": "tests/train/test_fsdp.py (2 sharded ranks against one process, sharded checkpoints)",
     "run.knn_dataset": "test_online_knn_value_depends_on_the_knn_options",
     "run.knn_path": "test_online_knn_value_depends_on_the_knn_options",
     "run.knn_limit": "test_online_knn_value_depends_on_the_knn_options",
