@@ -30,7 +30,7 @@ def _rank_main(rank: int, world: int, store: str, fn: Callable[..., None], args:
         dist.destroy_process_group()
     # The rank's work is done and its group left. Twice on a loaded machine a rank of an FSDP test died
     # of SIGABRT ("terminate called without an active exception"), not reproduced in 50 runs since; the
-    # cause is not pinned down. FSDP's backward leaves 8 autograd device threads running that DDP's does
+    # cause is not pinned down. An FSDP run leaves 8 autograd device threads running that a DDP run does
     # not, and C++ threads alive at interpreter finalization are the usual source of that message. So
     # the rank exits without finalizing: the test judges what it computed, not how the interpreter
     # unwinds, and an abort before this point still fails the test, with its stacks (faulthandler).
