@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.tensor import DTensor
 
 from sopvit.checkpoints import sharded
@@ -302,3 +303,23 @@ def test_a_single_file_checkpoint_continues_sharded_on_two_ranks(tmp_path: Path)
     assert losses == pytest.approx(_losses(tmp_path / "straight")[2:], rel=1e-4)
     for key, value in straight["teacher"].items():
         torch.testing.assert_close(grown["teacher"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_shard_that_cannot_be_written_is_one_line_and_the_previous_checkpoint_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flags = ("train.parallel=fsdp", "train.max_steps=6", "run.checkpoint_every=3")
+    trainer = Trainer(tiny_config(tmp_path, *flags))
+    write = FileSystemWriter.write_data
+    calls = []
+
+    def full_disk(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
+    with pytest.raises(CheckpointError, match=r"checkpoint-000006: No space left on device\. The previous"):
+        trainer.fit()
+    assert (tmp_path / "checkpoint.latest").read_text() == "checkpoint-000003"

@@ -110,18 +110,23 @@ def save_sharded(tensors: dict[str, Any], meta: dict[str, Any], run_dir: Path, s
         dist.barrier()
         if dist.is_main_process():
             save_checkpoint(meta, tmp / META)
-            if final.exists():  # the same step saved again (a resumed run that stops where it began)
-                shutil.rmtree(final)
+            if final.exists():  # the same step saved again: moved aside, removed once replaced
+                os.replace(final, run_dir / f".{final.name}.old{_TMP_SUFFIX}")
             os.replace(tmp, final)
             _write_atomic_text(run_dir / POINTER, final.name)
-            for old in run_dir.glob(f"{_PREFIX}*"):
+            for old in [*run_dir.glob(f"{_PREFIX}*"), *run_dir.glob(f".{final.name}.old{_TMP_SUFFIX}")]:
                 if old.is_dir() and old != final:
                     shutil.rmtree(old, ignore_errors=True)
             (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # a single file from a ddp stretch
-    except OSError as err:
+    except (OSError, CheckpointException) as err:
+        # DCP wraps a rank's failure (a BaseException holding every rank's traceback); name the first.
+        cause = (
+            next((e for e, _ in err.failures.values()), err) if isinstance(err, CheckpointException) else err
+        )
+        reason = getattr(cause, "strerror", None) or cause
         raise CheckpointError(
-            f"could not write sharded checkpoint {final}: {err.strerror or err}. The previous checkpoint "
-            "(if any) is intact; free disk space or fix the output directory's permissions, then resume."
+            f"could not write sharded checkpoint {final}: {reason}. The previous checkpoint (if any) is "
+            "intact; free disk space or fix the output directory's permissions, then resume."
         ) from err
     dist.barrier()
     return final
