@@ -7,9 +7,10 @@ flushed to the disk, then renamed over the previous one (rename is atomic on POS
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -27,13 +28,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message says which file and why."""
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` atomically; on failure the previous file at ``path`` is untouched."""
-    path = Path(path)
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write(file)`` into a temporary file beside ``path``, flushed to the disk, then renamed over it
+    (and the rename itself flushed): ``path`` is always the old file or the whole new one. Raises OSError
+    after removing the temporary file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,8 +44,17 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as err:
+    except OSError:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` atomically; on failure the previous file at ``path`` is untouched."""
+    path = Path(path)
+    try:
+        write_atomic(path, partial(torch.save, {"format_version": FORMAT_VERSION, **state}))
+    except OSError as err:
         reason = err.strerror or str(err)
         raise CheckpointError(
             f"could not write checkpoint {path}: {reason}. The previous checkpoint (if any) is intact; "

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from sopvit import distributed as dist
-from sopvit.checkpoints.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sopvit.checkpoints.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_atomic
 from sopvit.checkpoints.safe_load import UnsafeFileError, refusal_or_reason, safe_torch_globals
 
 POINTER = "checkpoint.latest"
@@ -79,20 +79,6 @@ def latest_sharded(run_dir: Path) -> Path | None:
     return path
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_sharded(tensors: dict[str, Any], meta: dict[str, Any], run_dir: Path, step: int) -> Path:
     """Every rank writes its shards of ``tensors``; rank 0 adds ``meta`` and publishes the directory.
 
@@ -113,7 +99,7 @@ def save_sharded(tensors: dict[str, Any], meta: dict[str, Any], run_dir: Path, s
             if final.exists():  # the same step saved again: moved aside, removed once replaced
                 os.replace(final, run_dir / f".{final.name}.old{_TMP_SUFFIX}")
             os.replace(tmp, final)
-            _write_atomic_text(run_dir / POINTER, final.name)
+            write_atomic(run_dir / POINTER, lambda f: f.write(final.name.encode()))
             for old in [*run_dir.glob(f"{_PREFIX}*"), *run_dir.glob(f".{final.name}.old{_TMP_SUFFIX}")]:
                 if old.is_dir() and old != final:
                     shutil.rmtree(old, ignore_errors=True)
